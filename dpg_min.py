@@ -1,0 +1,237 @@
+"""dpg_min: GDC++ (KL-adaptive DPG with a baseline) in one readable file.
+
+This is a reference implementation of
+
+    Korbak, Elsahar, Kruszewski, Dymetman. "On Reinforcement Learning and Distribution Matching
+    for Fine-Tuning Language Models with no Catastrophic Forgetting". NeurIPS 2022.
+
+The idea in two lines. Distribution matching (DM) first writes down the distribution we want,
+p(x) = P(x)/Z with an energy-based model P(x) = a(x)·exp(λ·φ(x)) built on the original LM a, and then
+trains a policy π_θ to minimise D_KL(p‖π_θ) with Distributional Policy Gradients (DPG). GDC++ subtracts
+the baseline Z·π_θ(x)/q(x) from DPG's importance weight P(x)/q(x), which adds no bias (Facts 1, 2)
+and centres the advantage around zero (paper Fig. 2).
+
+Map from the paper to this file (the section "Math" below):
+    eq. 1      REINFORCE gradient            reinforce_loss
+    eq. 2      KL-control reward R^z_θ       kl_control_reward
+    eqs. 3-5   DPG gradient ∝ ∇D_KL(p‖π)     dpg_loss (baseline=False)
+    Alg. 1 l.5 GDC++ advantage P/q − Z·π/q   dpg_advantage, dpg_loss (baseline=True)
+    eq. 13     Z = E_π[P/π] = Σ_x P(x)       estimate_Z
+    §4.2       D_KL(p‖π), D_KL(π‖a)          kl_p_m, kl_reverse
+    eq. 16     P = a·exp(λ·φ), fitting λ     fit_lambdas
+    eq. 21     E_q|A| = 2·Z·TVD(p, π)        tvd_p_m
+
+Every function in "Math" is a pure function of per-sequence tensors of shape (B,): log-probabilities
+summed over the generated tokens of each of B sequences. `toy_exact.py` imports these very functions
+and checks them against exact sums over small sequence spaces, so what trains is what is verified.
+
+Status: this file holds the verified math core. The LM plumbing, tasks and the training loop are
+the next steps of the project (see README.md).
+"""
+
+import math
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Math: losses and estimators
+#
+# Conventions. For a sequence x:
+#   logp_pi = log π_θ(x)   the policy being trained (the only tensor that carries gradient)
+#   logp_q  = log q(x)     the proposal that x was sampled from (Algorithm 1)
+#   logp_a  = log a(x)     the original, frozen LM
+#   log_P   = log P(x)     the unnormalised target (EBM); −inf where P(x) = 0 (a hard constraint)
+#   Z       = Σ_x P(x)     the partition function, a non-negative number (float or 0-dim tensor)
+#
+# Everything is formed in log space and exponentiated as late as possible: a sequence log-prob is
+# a sum of T token log-probs, so log-ratios of a few hundred nats are ordinary, and exp of them
+# overflows float32 (near 88) long before float64 (near 709).
+# -----------------------------------------------------------------------------
+
+
+def _as_scalar(Z, like):
+    """Z as a detached 0-dim tensor with the dtype and device of `like` (Z may be a Python float)."""
+    return torch.as_tensor(Z, dtype=like.dtype, device=like.device).detach()
+
+
+def _log_p(log_P, Z):
+    """log p(x) = log P(x) − log Z, keeping P = 0 at exactly −inf.
+
+    Note: the plain subtraction would give −inf − (−inf) = NaN when Z = 0 as well; a sample with
+    P(x) = 0 has p(x) = 0 whatever Z is, so we keep it at −inf.
+    """
+    log_Z = torch.log(_as_scalar(Z, log_P))
+    return torch.where(log_P == -math.inf, log_P, log_P - log_Z)
+
+
+def dpg_advantage(logp_pi, logp_q, log_P, Z, baseline):
+    """The (detached) DPG advantage of each sample x ~ q.
+
+        GDC   (baseline=False):  A(x) = P(x)/q(x)                       (eq. 5, made off-policy)
+        GDC++ (baseline=True):   A(x) = P(x)/q(x) − Z·π_θ(x)/q(x)       (Algorithm 1, line 5; eq. 15)
+
+    Paper: B^off(x) = Z·π_θ(x)/q(x) is the off-policy form of the baseline B = Z = E_π[P/π]
+    (eq. 13); it adds no bias (Fact 2) because E_q[(π/q)·∇log π] = Σ_x ∇π(x) = 0.
+    Note: π/q in the baseline is detached, as in naver/gdc (gdc/gdc.py L693): the baseline is a
+    fixed number per sample, and only the factor ∇log π of the estimator carries gradient.
+    Both terms are exp of a log-ratio, so P = 0 (log_P = −inf) gives exactly 0 and Z = 0 gives no
+    baseline (log 0 = −inf), with no 0·inf anywhere.
+    """
+    logp_pi, logp_q, log_P = logp_pi.detach(), logp_q.detach(), log_P.detach()
+    A = torch.exp(log_P - logp_q)                                   # P/q, the DPG "reward"
+    if baseline:
+        log_Z = torch.log(_as_scalar(Z, logp_q))
+        A = A - torch.exp(log_Z + logp_pi - logp_q)                 # − Z·π/q
+    return A
+
+
+def dpg_loss(logp_pi, logp_q, log_P, Z, baseline):
+    """A scalar whose gradient is the DPG / GDC++ gradient estimate on a batch x_1..x_B ~ q:
+
+        ∇loss = −(1/B) Σ_i A(x_i) ∇_θ log π_θ(x_i)
+
+    Paper (eqs. 3-5): E_q[(P/q)·∇log π] = Σ_x P(x)∇log π(x) = −Z·∇D_KL(p‖π_θ), so descending this loss
+    descends D_KL(p‖π_θ) (scaled by the unknown constant Z). With baseline=True it is Algorithm 1, line 5.
+    Note: the loss value itself means nothing (Spinning Up's remark on policy-gradient losses); only its
+    gradient does. A is detached, so gradient flows only through `logp_pi`, a sum of token log-probs
+    (a sum, not a mean: the estimator is for the log-prob of the whole sequence).
+    """
+    A = dpg_advantage(logp_pi, logp_q, log_P, Z, baseline)
+    return -(A * logp_pi).mean()
+
+
+def kl_control_reward(r, logp_pi, logp_a, beta):
+    """The KL-control reward of Ziegler et al. 2019 (paper eq. 2):
+
+        R^z_θ(x) = r(x) − β·log(π_θ(x)/a(x))
+
+    Paper (Theorem 1): E_π R^z_θ = β·(log Z_z − D_KL(π_θ‖p_z)) with p_z ∝ a·e^{r/β} (eqs. 9-10), so
+    maximising this reward is distribution matching with the reverse KL. The reward depends on θ, but
+    its reward-gradient term vanishes in expectation (footnote 3): E_π ∇_θ R^z_θ = −β·E_π ∇log π = 0.
+    Not detached: a caller who wants a fixed reward detaches it (the tests differentiate through it).
+    """
+    return r - beta * (logp_pi - logp_a)
+
+
+def reinforce_loss(logp_pi, reward):
+    """A scalar whose gradient is the REINFORCE estimate (paper eq. 1) on a batch x_1..x_B ~ π_θ:
+
+        ∇loss = −(1/B) Σ_i R(x_i) ∇_θ log π_θ(x_i),   E_π[R ∇log π] = ∇E_π R.
+
+    The reward is detached: it is a fixed number per sample, whatever produced it.
+    """
+    return -(reward.detach() * logp_pi).mean()
+
+
+def estimate_Z(log_P, logp_q):
+    """Importance-sampling estimate of the partition function from x_1..x_N ~ q (paper eq. 13):
+
+        Ẑ = (1/N) Σ_i P(x_i)/q(x_i),   unbiased: E_q[P/q] = Σ_x P(x) = Z.
+
+    Computed as exp(logsumexp(log P − log q) − log N), so no single weight is ever exponentiated on
+    its own; all P = 0 gives exactly 0.
+    """
+    log_w = log_P - logp_q
+    return torch.exp(torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
+
+
+def kl_p_m(log_P, logp_q, logp_m, Z):
+    """Importance-sampling estimate of D_KL(p‖m), p = P/Z, from x_1..x_N ~ q (paper §4.2, metric 2):
+
+        D_KL(p‖m) = E_p[log p − log m] = E_q[(p/q)·(log p − log m)]
+                  ≈ (1/N) Σ_i (p(x_i)/q(x_i))·(log p(x_i) − log m(x_i)).
+
+    A sample with P = 0 contributes 0 (the limit of u·log u at 0), never NaN. Z = 0 (no sample has
+    P > 0, so p is unknown) gives +inf. The 1/N is folded into the exponent, so N weights of e^700
+    sum without overflow in float64.
+    Note: naver/gdc writes the same estimator as −log Ẑ + (1/Ẑ)·mean[w·(log P − log m)]
+    (gdc/base_trainer.py L84-242).
+    """
+    log_p = _log_p(log_P, Z)
+    weight = torch.exp(log_p - logp_q - math.log(log_p.shape[0]))   # p/(N·q)
+    terms = torch.where(log_p == -math.inf, torch.zeros_like(weight), weight * (log_p - logp_m))
+    return torch.where(_as_scalar(Z, log_P) > 0, terms.sum(), math.inf)
+
+
+def tvd_p_m(log_P, logp_q, logp_m, Z):
+    """Importance-sampling estimate of the total variation distance TVD(p, m) from x_1..x_N ~ q:
+
+        TVD(p, m) = ½ Σ_x |p(x) − m(x)| = ½·E_q |p/q − m/q|      (paper eq. 21)
+
+    With m = π_θ, Z·(p/q − π/q) is the GDC++ advantage, so E_q|A| = 2·Z·TVD(p, π): the mean absolute
+    advantage measures how far π still is from p (paper §4.5). Z = 0 gives +inf.
+    """
+    log_p = _log_p(log_P, Z)
+    log_N = math.log(log_p.shape[0])
+    terms = torch.abs(torch.exp(log_p - logp_q - log_N) - torch.exp(logp_m - logp_q - log_N))
+    return torch.where(_as_scalar(Z, log_P) > 0, 0.5 * terms.sum(), math.inf)
+
+
+def kl_reverse(logp_m, logp_a):
+    """Monte-Carlo estimate of D_KL(m‖a) from x_1..x_N ~ m (paper §4.2, metric 3):
+
+        D_KL(m‖a) = E_m[log m − log a] ≈ (1/N) Σ_i (log m(x_i) − log a(x_i)).
+
+    Exact ancestral samples of m are required: samples from a truncated sampler (top-k, top-p)
+    come from another distribution and make this estimate meaningless.
+    """
+    return (logp_m - logp_a).mean()
+
+
+def fit_lambdas(phi, log_w, mu_bar, tol=1e-2, max_iters=1000):
+    """Find λ so that P(x) = a(x)·exp(λ·φ(x)) has the target moments E_p φ = μ̄ (paper §4.1, eq. 16).
+
+    Inputs: φ (N×k) of N samples x_j ~ q, log w_j = log a(x_j) − log q(x_j), the targets μ̄ (k,).
+    The moments of p are estimated by self-normalised importance sampling (SNIS, Owen 2013):
+
+        μ̂(λ) = Σ_j ω_j φ(x_j),   ω = softmax(log w + φ·λ).
+
+    Among all distributions with E φ = μ̄ this exponential family member has the least D_KL(·‖a)
+    (Csiszár's I-projection; Khalifa et al. 2021), and its λ maximises the concave dual
+
+        g(λ) = λ·μ̄ − log Σ_j w_j·exp(λ·φ_j),   ∇g = μ̄ − μ̂(λ),   ∇²g = −Cov_ω(φ).
+
+    Note: naver/gdc takes plain gradient steps λ ← λ + 0.5·(μ̄ − μ̂) from λ = 0 until ‖μ̄ − μ̂‖₂ < 0.01
+    or 1000 steps (gdc/gdc.py L526-606). We take Newton steps on g, with backtracking so that every
+    step increases g: the same λ, in a handful of steps, and to machine precision when tol asks for it.
+    A target of exactly 1 (or 0) needs λ = ±inf; we stop, as naver/gdc does, once within tol.
+
+    Returns (λ, μ̂(λ)). The caller decides what to do if ‖μ̄ − μ̂‖₂ is still ≥ tol after max_iters.
+    """
+    phi = phi.to(log_w.dtype)
+    mu_bar = torch.as_tensor(mu_bar, dtype=log_w.dtype, device=log_w.device).reshape(-1)
+    assert phi.dim() == 2 and phi.shape == (log_w.shape[0], mu_bar.shape[0]), \
+        f"phi must be (N, k) = ({log_w.shape[0]}, {mu_bar.shape[0]}), got {tuple(phi.shape)}"
+    # A moment can only be moved between the smallest and largest value the feature takes in the
+    # sample. A feature that never fires has μ̂ = 0 for every λ: say so instead of diverging to NaN.
+    for i in range(phi.shape[1]):
+        lo, hi = phi[:, i].min().item(), phi[:, i].max().item()
+        if lo == hi and mu_bar[i].item() != lo:
+            what = "never fires" if hi == 0 else f"takes the single value {hi:g}"
+            raise ValueError(f"feature {i} {what} in the {phi.shape[0]} samples, so its moment cannot "
+                             f"reach {mu_bar[i].item():g}: draw more samples or change the target")
+
+    def dual(lam):
+        return lam @ mu_bar - torch.logsumexp(log_w + phi @ lam, dim=0)
+
+    lam = torch.zeros_like(mu_bar)
+    for _ in range(max_iters):
+        omega = torch.softmax(log_w + phi @ lam, dim=0)            # (N,) SNIS weights
+        mu_hat = omega @ phi                                        # (k,)
+        grad = mu_bar - mu_hat
+        if torch.linalg.vector_norm(grad) < tol:
+            break
+        centred = phi - mu_hat
+        cov = centred.T @ (omega[:, None] * centred)               # (k, k), PSD
+        step = torch.linalg.pinv(cov) @ grad                        # Newton direction, an ascent one
+        if not bool(step @ grad > 0):
+            step = grad                                             # flat directions: plain gradient
+        # Backtrack until g does not fall. Near the top g changes by δ² for a step δ, below rounding,
+        # so "does not fall" allows for a few ulps of noise instead of halving the step for nothing.
+        g0, t = dual(lam), 1.0
+        slack = 64 * torch.finfo(g0.dtype).eps * (1 + g0.abs())
+        while dual(lam + t * step) < g0 - slack and t > 1e-12:
+            t /= 2
+        lam = lam + t * step
+    omega = torch.softmax(log_w + phi @ lam, dim=0)
+    return lam, omega @ phi
