@@ -25,8 +25,8 @@ Every function in "Math" is a pure function of per-sequence tensors of shape (B,
 summed over the generated tokens of each of B sequences. `toy_exact.py` imports these very functions
 and checks them against exact sums over small sequence spaces, so what trains is what is verified.
 
-Status: this file holds the verified math core. The LM plumbing, tasks and the training loop are
-the next steps of the project (see README.md).
+Status: this file holds the verified math core and the LM plumbing (exact sampling, sequence
+log-probs, a tiny offline GPT-2). Tasks and the training loop are the next steps (see README.md).
 """
 
 import math
@@ -235,3 +235,85 @@ def fit_lambdas(phi, log_w, mu_bar, tol=1e-2, max_iters=1000):
         lam = lam + t * step
     omega = torch.softmax(log_w + phi @ lam, dim=0)
     return lam, omega @ phi
+
+
+# -----------------------------------------------------------------------------
+# LM plumbing: exact ancestral sampling and sequence log-probs
+#
+# A sequence is the BOS token followed by T generated tokens, ids of shape (B, T + 1). BOS is only
+# conditioning: log m(x) = Σ_{t=1..T} log m(y_t | BOS, y_<t), a sum over the T generated tokens
+# (gdc_spec §1.0). Every sequence has exactly T tokens; an EOS token sampled on the way is just a
+# token, as in naver/gdc, so all models score the same T positions.
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(model, n, T, bos_id, batch_size=256):
+    """n exact ancestral samples of T tokens from `model`, with their log-probs.
+
+    Returns ids (n, T + 1), starting with BOS, and logp (n,) = Σ_t log m(y_t | y_<t).
+    Note: we do not call `generate`. In transformers v5 `do_sample=True` silently applies top-k = 50,
+    and EOS ends a sequence early or, with min_new_tokens, is forbidden; each of those samples from
+    another distribution than the model's, which makes every importance weight P/q wrong. Eight
+    lines of softmax + multinomial with the KV cache are exact and cost the same.
+    """
+    device = next(model.parameters()).device
+    all_ids, all_logp = [], []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
+        logp, past, x = torch.zeros(b, device=device), None, ids
+        for _ in range(T):
+            out = model(input_ids=x, past_key_values=past, use_cache=True,
+                        attention_mask=torch.ones_like(ids))
+            past = out.past_key_values
+            log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)    # (b, vocab)
+            x = torch.multinomial(log_probs.exp(), 1)                            # (b, 1)
+            logp += log_probs.gather(1, x).squeeze(1)
+            ids = torch.cat([ids, x], dim=1)
+        all_ids.append(ids)
+        all_logp.append(logp)
+    return torch.cat(all_ids), torch.cat(all_logp)
+
+
+def sequence_logprob(model, ids, batch_size=256):
+    """log m(x) for each row of ids (B, T + 1): the sum of the T generated tokens' log-probs, (B,).
+
+    Differentiable when called with gradients enabled (for π); wrap it in torch.no_grad() for q and a.
+    Computed in batches of `batch_size` rows so that scoring K·B samples fits in memory.
+    Note: a sum, not a mean over tokens: the estimators need log π(x) of the whole sequence.
+    """
+    out = []
+    for start in range(0, ids.shape[0], batch_size):
+        chunk = ids[start:start + batch_size]
+        logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits[:, :-1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)                   # (b, T, vocab)
+        out.append(log_probs.gather(2, chunk[:, 1:, None]).squeeze(2).sum(1))    # (b,)
+    return torch.cat(out)
+
+
+def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64):
+    """A small GPT-2 with a word-level tokenizer, built in code from a fixed seed: no download.
+
+    The vocabulary is BOS/EOS/PAD ("<|endoftext|>", id 0), "<unk>" (id 1), then `words` in order.
+    The weights are random, so the model is close to uniform over its vocabulary: a stand-in for
+    GPT-2 that lets every part of the pipeline run offline, in seconds, on a CPU.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>")
+    config = GPT2Config(vocab_size=len(vocab), n_positions=max_len, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    # Seed only the construction, and restore the caller's RNG: building a model is not a side effect.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model.eval(), tokenizer
