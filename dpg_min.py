@@ -25,11 +25,12 @@ Every function in "Math" is a pure function of per-sequence tensors of shape (B,
 summed over the generated tokens of each of B sequences. `toy_exact.py` imports these very functions
 and checks them against exact sums over small sequence spaces, so what trains is what is verified.
 
-Status: this file holds the verified math core and the LM plumbing (exact sampling, sequence
-log-probs, a tiny offline GPT-2). Tasks and the training loop are the next steps (see README.md).
+Status: this file holds the verified math core, the LM plumbing (exact sampling, sequence log-probs,
+a tiny offline GPT-2) and the paper's word-based tasks. The training loop is the next step (README.md).
 """
 
 import math
+import re
 
 import torch
 
@@ -317,3 +318,66 @@ def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     return model.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Tasks: binary features φ(x) and their target moments μ̄ (paper §4.2)
+#
+# A feature is "word:W" (x contains the word W), "list:NAME" (x contains a word of the list NAME)
+# or "female" (x has more female than male pronouns). Case rule: a single word matches exactly as
+# written, so "WikiLeaks" is the paper's word and "wikileaks" is not; word lists and pronouns match
+# the lowercased text, so "She" counts as a female pronoun (naver/gdc counted only "she").
+# Word tokens are maximal runs of letters and digits, so "amazing," and "amazing-looking" contain
+# "amazing" but "amazingly" does not. No downloaded tokenizer data is needed.
+# -----------------------------------------------------------------------------
+
+# Our own compact word lists, written for this project (the paper used PPLM's lists).
+WORDLISTS = {
+    "politics": "government election senate congress parliament president minister policy vote voters "
+                "campaign democracy law legislation party tax reform diplomat treaty governor",
+    "science": "science scientist research experiment physics chemistry biology laboratory theory "
+               "molecule atom quantum genome telescope evolution cell energy scientists",
+    "art": "art artist painting painter sculpture museum gallery canvas poetry poet novel theatre "
+           "composer exhibition portrait",
+    "sports": "football soccer basketball tennis baseball hockey athlete coach team championship "
+              "league olympic tournament stadium",
+    "business": "business company market economy investor profit revenue startup shares stock bank "
+                "finance trade industry",
+}
+WORDLISTS = {name: tuple(words.split()) for name, words in WORDLISTS.items()}
+FEMALE, MALE = ("she", "her", "hers", "herself"), ("he", "him", "his", "himself")
+
+# task → [(feature, μ̄)], numbered as in the paper §4.2 (tasks 5-6, sentiment, come later).
+TASKS = {
+    "amazing": [("word:amazing", 1.0)],                                          # task 1
+    "wikileaks": [("word:WikiLeaks", 1.0)],                                      # task 2
+    "politics": [("list:politics", 1.0)],                                        # task 3
+    "science": [("list:science", 1.0)],                                          # task 4
+    "female": [("female", 0.5)],                                                 # task 7
+    "topics": [(f"list:{t}", 0.25) for t in ("science", "art", "sports", "business")],  # task 8
+    "hybrid-sports": [("female", 0.5), ("list:sports", 1.0)],                    # task 9
+    "hybrid-politics": [("female", 0.5), ("list:politics", 1.0)],                # task 10
+}
+
+
+def words_of(text):
+    return re.findall(r"\w+", text)
+
+
+def feature(name, text, wordlists=WORDLISTS):
+    """φ(x) ∈ {0, 1} of one decoded text for the feature `name` (see the section comment)."""
+    tokens = words_of(text)
+    kind, _, arg = name.partition(":")
+    if kind == "word":
+        return float(arg in tokens)
+    lower = [t.lower() for t in tokens]
+    if kind == "list":
+        return float(not set(wordlists[arg]).isdisjoint(lower))
+    if kind == "female":
+        return float(sum(t in FEMALE for t in lower) > sum(t in MALE for t in lower))
+    raise ValueError(f"unknown feature {name!r}: use word:W, list:NAME or female")
+
+
+def phi_matrix(features, texts, wordlists=WORDLISTS):
+    """φ of N texts for k features, an (N, k) float tensor."""
+    return torch.tensor([[feature(f, x, wordlists) for f in features] for x in texts])
