@@ -206,7 +206,7 @@ def check_theorem1_ii_ascent(inst):
     a prefix is scaled by the probability of that prefix, so unlikely prefixes barely move (we measured
     L-BFGS stuck 2e-4 from p_z). The natural gradient (the gradient preconditioned by the Fisher matrix
     F = E_π[∇log π ∇log πᵀ], Kakade 2001) removes that scaling; with step 1/β it is soft policy
-    iteration, which reaches p_z after T + 1 steps on a horizon of T (Cen et al. 2022). The last logit
+    iteration, which reaches p_z in T steps on a horizon of T (measured; cf. Cen et al. 2022). The last logit
     of each prefix is pinned at 0 (softmax ignores a common shift), so F is invertible."""
     X = inst.X
     logp, _ = table_policy(X)
