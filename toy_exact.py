@@ -160,8 +160,28 @@ def kl(log_m1, log_m2):
     return torch.where(m1 > 0, m1 * (log_m1 - log_m2), 0.0).sum()
 
 
+def tvd(log_m1, log_m2):
+    """Exact TVD(m1, m2) = ½ Σ |m1 − m2|."""
+    return 0.5 * (log_m1.exp() - log_m2.exp()).abs().sum()
+
+
 def log_p(inst):
     return inst.log_P - torch.log(inst.Z)
+
+
+def log_Pz(inst):
+    """log P_z = log a + r/β, the EBM that KL-control implicitly matches (eq. 9)."""
+    return inst.logp_a + inst.r / inst.beta
+
+
+def expected_reward(log_pi, inst):
+    """E_π R^z_π = Σ_x π(x)·(r(x) − β·log(π(x)/a(x))) for one distribution (N,) or a batch (M, N)."""
+    return (log_pi.exp() * kl_control_reward(inst.r, log_pi, inst.logp_a, inst.beta)).sum(-1)
+
+
+def _uniform(inst):
+    """log u for the uniform distribution on X."""
+    return torch.full((inst.X.N,), -math.log(inst.X.N), dtype=DT)
 
 
 def max_err(*pairs):
@@ -188,12 +208,11 @@ def check_sums_to_one(inst):
 
 def check_theorem1_i(inst):
     """E_π R^z_θ = β·(log Z_z − D_KL(π_θ‖p_z)), p_z ∝ a·e^{r/β}; and so ∇E_π R^z_θ = −β·∇D_KL(π_θ‖p_z)."""
-    log_Pz = inst.logp_a + inst.r / inst.beta                        # eq. 9
-    log_Zz = torch.logsumexp(log_Pz, 0)
+    log_Zz = torch.logsumexp(log_Pz(inst), 0)
     theta = inst.theta.clone().requires_grad_()
     lp = inst.logp(theta, inst.X.steps)
-    reward = (lp.exp() * kl_control_reward(inst.r, lp, inst.logp_a, inst.beta)).sum()
-    rkl = kl(lp, log_Pz - log_Zz)
+    reward = expected_reward(lp, inst)
+    rkl = kl(lp, log_Pz(inst) - log_Zz)
     g_reward, = torch.autograd.grad(reward, theta, retain_graph=True)
     g_rkl, = torch.autograd.grad(rkl, theta)
     return max_err((reward, inst.beta * (log_Zz - rkl)), (g_reward, -inst.beta * g_rkl))
@@ -215,31 +234,29 @@ def check_theorem1_ii_ascent(inst):
         theta = torch.cat([free.view(X.n_prefix, X.C - 1), torch.zeros(X.n_prefix, 1, dtype=DT)], 1)
         return logp(theta.flatten(), X.steps)
 
-    def reward(free):                                                # E_π R^z_π
-        lp = policy_logp(free)
-        return (lp.exp() * kl_control_reward(inst.r, lp, inst.logp_a, inst.beta)).sum()
+    def reward(free):
+        return expected_reward(policy_logp(free), inst)
 
     free = torch.zeros(X.n_prefix * (X.C - 1), dtype=DT)
     for _ in range(2 * X.T + 5):
         J = jacrev(policy_logp)(free)                                # (N, |θ|) rows ∇log π(x)
         F = J.T @ (policy_logp(free).exp()[:, None] * J)             # Fisher matrix
         free = free + torch.linalg.lstsq(F, grad(reward)(free)).solution / inst.beta
-    p_z = torch.softmax(inst.logp_a + inst.r / inst.beta, 0)
-    return max_err((policy_logp(free).exp(), p_z))
+    return max_err((policy_logp(free).exp(), torch.softmax(log_Pz(inst), 0)))
 
 
 def check_theorem1_ii_no_better(inst, n_random=200):
     """No distribution π on X has a larger E_π R^z_π than p_z, whose value is β·log Z_z."""
-    log_pz = torch.log_softmax(inst.logp_a + inst.r / inst.beta, 0)
-    best = (log_pz.exp() * kl_control_reward(inst.r, log_pz, inst.logp_a, inst.beta)).sum()
+    log_pz = torch.log_softmax(log_Pz(inst), 0)
+    best = expected_reward(log_pz, inst)
     g = torch.Generator().manual_seed(inst.seed)
-    # Random distributions on X: Dirichlet-like draws at several concentrations, plus p_z perturbed.
+    # Random distributions on X: softmax of Gaussian logits at scales from 0.01 (near uniform) to 10
+    # (near a point mass); half of them are small perturbations of p_z itself.
     logits = torch.randn(n_random, inst.X.N, generator=g, dtype=DT)
     logits = logits * torch.logspace(-2, 1, n_random, dtype=DT)[:, None]
     logits[: n_random // 2] = log_pz + 1e-3 * logits[: n_random // 2]
-    log_pis = torch.log_softmax(logits, dim=1)
-    values = (log_pis.exp() * kl_control_reward(inst.r, log_pis, inst.logp_a, inst.beta)).sum(1)
-    log_Zz = torch.logsumexp(inst.logp_a + inst.r / inst.beta, 0)
+    values = expected_reward(torch.log_softmax(logits, dim=1), inst)
+    log_Zz = torch.logsumexp(log_Pz(inst), 0)
     return max(max_err((best, inst.beta * log_Zz)), float((values - best).clamp(min=0).max()))
 
 
@@ -299,8 +316,7 @@ def check_eq21(inst):
     """E_q|A| = 2·Z·TVD(p, π_θ) for the GDC++ advantage A = P/q − Z·π/q (eq. 21)."""
     lp = inst.logp(inst.theta, inst.X.steps)
     A = dpg_advantage(lp, inst.logp_q, inst.log_P, inst.Z, baseline=True)
-    tvd = 0.5 * (log_p(inst).exp() - lp.exp()).abs().sum()
-    return max_err((inst.logp_q.exp() @ A.abs(), 2 * inst.Z * tvd))
+    return max_err((inst.logp_q.exp() @ A.abs(), 2 * inst.Z * tvd(log_p(inst), lp)))
 
 
 def variance_terms(inst, theta, logp_q):
@@ -353,8 +369,8 @@ def check_eq16(inst):
     """fit_lambdas on the whole of X recovers the λ that made μ̄; p = a·e^{λ·φ}/Z hits μ̄ exactly and is
     the I-projection: D_KL(r‖a) = D_KL(r‖p) + D_KL(p‖a) ≥ D_KL(p‖a) for every r with E_r φ = μ̄."""
     X, phi = inst.X, inst.phi
-    log_u = torch.full((X.N,), -math.log(X.N), dtype=DT)              # q = uniform on X
-    lam, mu_hat = fit_lambdas(phi, inst.logp_a - log_u, inst.mu_bar, tol=1e-14, max_iters=200)
+    # q = uniform on X, so the importance weights are a/u
+    lam, mu_hat = fit_lambdas(phi, inst.logp_a - _uniform(inst), inst.mu_bar, tol=1e-14, max_iters=200)
     log_pl = torch.log_softmax(inst.logp_a + phi @ lam, 0)
     errs = [max_err((log_pl.exp() @ phi, inst.mu_bar), (mu_hat, inst.mu_bar))]
     # Feasible perturbations r = p + ε·d, with d orthogonal to 1 and to every φ_i, so E_r φ = μ̄.
@@ -371,10 +387,6 @@ def check_eq16(inst):
     return max(errs + [max_err((lam, inst.lam))])
 
 
-def _uniform(inst):
-    return torch.full((inst.X.N,), -math.log(inst.X.N), dtype=DT)
-
-
 def check_estimate_Z(inst):
     """estimate_Z on all of X, each once, with q uniform, is exactly Z = Σ_x P(x)."""
     return max_err((estimate_Z(inst.log_P, _uniform(inst)), inst.Z))
@@ -389,8 +401,7 @@ def check_kl_p_m(inst):
 def check_tvd_p_m(inst):
     """tvd_p_m on all of X with q uniform is exactly TVD(p, π_θ) = ½ Σ_x |p(x) − π(x)|."""
     lp = inst.logp(inst.theta, inst.X.steps)
-    exact = 0.5 * (log_p(inst).exp() - lp.exp()).abs().sum()
-    return max_err((tvd_p_m(inst.log_P, _uniform(inst), lp, inst.Z), exact))
+    return max_err((tvd_p_m(inst.log_P, _uniform(inst), lp, inst.Z), tvd(log_p(inst), lp)))
 
 
 def check_kl_reverse(inst):
