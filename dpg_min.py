@@ -29,10 +29,71 @@ Status: this file holds the verified math core, the LM plumbing (exact sampling,
 a tiny offline GPT-2) and the paper's word-based tasks. The training loop is the next step (README.md).
 """
 
+import argparse
+import copy
+import json
 import math
+import os
 import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
+
+# -----------------------------------------------------------------------------
+# Config: the paper's setting for GPT-2 (gdc_spec §5 collects it from naver/gdc's GDC++ configs).
+# Every field becomes a command-line flag: `batch_size` is `--batch-size`.
+# -----------------------------------------------------------------------------
+
+
+def arg(default, help):
+    """A Config field with its --help text, which names where the default comes from."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # task
+    task: str = arg("amazing", "a task of paper §4.2 (see TASKS)")
+    word: str = arg("", "custom constraint: the word W must occur (case-sensitive); replaces --task")
+    wordlist: str = arg("", "custom constraint: a file of words, one per line, one must occur; replaces --task")
+    moments: str = arg("", "target moments μ̄, comma-separated, one per feature (default: the task's)")
+    # method
+    method: str = arg("dpg", "dpg: KL-adaptive DPG (Algorithm 1); reinforce and ziegler come later")
+    baseline: bool = arg(False, "GDC++: subtract the baseline Z·π/q (Algorithm 1, line 5); without it, GDC")
+    # model and sampling
+    model: str = arg("gpt2", "a: HF name or local path (paper: gpt2, 117M), or tiny (offline, built in code)")
+    seq_len: int = arg(40, "T, tokens sampled after BOS (gdc_spec §5: txt_out_len 40)")
+    # optimisation
+    batch_size: int = arg(512, "B, samples per gradient step (gdc_spec §5)")
+    forward_batch_size: int = arg(32, "samples per forward pass; only memory depends on it (gdc_spec §5: 32)")
+    samples: int = arg(None, "training samples in all (gdc_spec §5: 6.4M for pointwise tasks, else 8.4M)")
+    steps: int = arg(None, "gradient steps; overrides --samples")
+    lr: float = arg(1.41e-5, "Adam learning rate (gdc_spec §5)")
+    warmup: int = arg(100, "steps of linear learning-rate warm-up, then constant (gdc_spec §5)")
+    q_update_interval: int = arg(10, "K: every K steps, estimate Z on K·B fresh samples of q and maybe "
+                                     "set q ← π (Algorithm 1; gdc_spec §1.3)")
+    lambda_samples: int = arg(10240, "samples of a to fit λ of a distributional task (gdc_spec §2)")
+    lambda_tol: float = arg(0.01, "fit λ until ‖μ̄ − μ̂‖₂ < this (gdc_spec §2)")
+    # evaluation and output
+    eval_interval: int = arg(10, "evaluate π every this many steps (gdc_spec §5)")
+    eval_samples: int = arg(2048, "samples of π per evaluation (gdc_spec §5)")
+    seed: int = arg(12, "random seed (gdc_spec §5)")
+    out: str = arg("", "output directory, must be new or empty (default: runs/TASK-METHOD-MODEL-TIME)")
+    device: str = arg("", "cuda or cpu (default: cuda when available)")
+
+
+# `--model tiny` presets, measured on 2 CPU cores (README "Quick start"); flags still override them.
+# A random tiny model is far from GPT-2, so it wants a larger learning rate and far fewer samples.
+TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
+            eval_interval=20, eval_samples=1024, lambda_samples=4096)
+
+
+class BadInput(Exception):
+    """A user error: `main` prints it as one line and exits with status 2."""
+
+
 
 # -----------------------------------------------------------------------------
 # Math: losses and estimators
@@ -244,7 +305,8 @@ def fit_lambdas(phi, log_w, mu_bar, tol=1e-2, max_iters=1000):
 # A sequence is the BOS token followed by T generated tokens, ids of shape (B, T + 1). BOS is only
 # conditioning: log m(x) = Σ_{t=1..T} log m(y_t | BOS, y_<t), a sum over the T generated tokens
 # (gdc_spec §1.0). Every sequence has exactly T tokens; an EOS token sampled on the way is just a
-# token, as in naver/gdc, so all models score the same T positions.
+# token, as in naver/gdc, so all models score the same T positions. Sequence log-probs are summed in
+# float64: the estimators exponentiate differences of them, and exp overflows float32 at 88 nats.
 # -----------------------------------------------------------------------------
 
 
@@ -263,14 +325,14 @@ def sample(model, n, T, bos_id, batch_size=256):
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         ids = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
-        logp, past, x = torch.zeros(b, device=device), None, ids
+        logp, past, x = torch.zeros(b, dtype=torch.float64, device=device), None, ids
         for _ in range(T):
             out = model(input_ids=x, past_key_values=past, use_cache=True,
                         attention_mask=torch.ones_like(ids))
             past = out.past_key_values
             log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)    # (b, vocab)
             x = torch.multinomial(log_probs.exp(), 1)                            # (b, 1)
-            logp += log_probs.gather(1, x).squeeze(1)
+            logp += log_probs.gather(1, x).squeeze(1).double()
             ids = torch.cat([ids, x], dim=1)
         all_ids.append(ids)
         all_logp.append(logp)
@@ -289,7 +351,7 @@ def sequence_logprob(model, ids, batch_size=256):
         chunk = ids[start:start + batch_size]
         logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits[:, :-1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)                   # (b, T, vocab)
-        out.append(log_probs.gather(2, chunk[:, 1:, None]).squeeze(2).sum(1))    # (b,)
+        out.append(log_probs.gather(2, chunk[:, 1:, None]).squeeze(2).double().sum(1))    # (b,)
     return torch.cat(out)
 
 
@@ -381,3 +443,300 @@ def feature(name, text, wordlists=WORDLISTS):
 def phi_matrix(features, texts, wordlists=WORDLISTS):
     """φ of N texts for k features, an (N, k) float tensor."""
     return torch.tensor([[feature(f, x, wordlists) for f in features] for x in texts])
+
+
+def tiny_vocab(extra=(), size=1000):
+    """The words of `--model tiny`: every word of the built-in tasks, the `extra` words of custom
+    constraints, then made-up filler words ("baba", "babe", ...) up to `size` words.
+
+    A random tiny model is close to uniform, so a given word occurs in about 1 − (1 − 1/size)^T of
+    samples of T tokens: 2% for T = 20, and a list of 19 words in about 32%. Every built-in feature
+    thus starts rare but not absent (the measured rates are in README.md).
+    """
+    words = ["amazing", "WikiLeaks", *FEMALE, *MALE, *extra, *(w for ws in WORDLISTS.values() for w in ws)]
+    words = list(dict.fromkeys(words))                              # unique, in order
+    taken = {w.lower() for w in words}
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    filler = [s + t for s in syllables for t in syllables if (s + t) not in taken]
+    return words + filler[:max(0, size - len(words))]
+
+
+def task_features(cfg):
+    """The features, target moments μ̄ and word lists of the task that `cfg` asks for."""
+    wordlists = dict(WORDLISTS)
+    if cfg.word or cfg.wordlist:
+        task = [(f"word:{cfg.word}", 1.0)] if cfg.word else []
+        if cfg.wordlist:
+            try:
+                with open(cfg.wordlist, encoding="utf-8") as f:
+                    lines = [w.strip() for w in f]
+            except OSError as e:
+                raise BadInput(f"cannot read --wordlist {cfg.wordlist!r}: {e.strerror}") from None
+            words = tuple(w.lower() for w in lines if w and not w.startswith("#"))
+            bad = [w for w in words if not re.fullmatch(r"\w+", w)]
+            if not words or bad:
+                raise BadInput(f"--wordlist {cfg.wordlist!r} must hold one word per line (letters and "
+                               f"digits only); found {bad[:3] if bad else 'no words'}")
+            wordlists[cfg.wordlist] = words
+            task.append((f"list:{cfg.wordlist}", 1.0))
+    elif cfg.task in TASKS:
+        task = TASKS[cfg.task]
+    else:
+        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or give --word or --wordlist")
+    features, mu_bar = [f for f, _ in task], [m for _, m in task]
+    if cfg.moments:
+        try:
+            mu_bar = [float(m) for m in cfg.moments.split(",")]
+        except ValueError:
+            raise BadInput(f"--moments {cfg.moments!r}: give numbers separated by commas, e.g. 0.5,1") from None
+        if len(mu_bar) != len(features):
+            raise BadInput(f"--moments has {len(mu_bar)} values but the task has {len(features)} features "
+                           f"({', '.join(features)}): give one per feature")
+    if not all(0 <= m <= 1 for m in mu_bar):
+        raise BadInput(f"target moments {mu_bar} must lie in [0, 1]: each is the probability of a binary feature")
+    return features, mu_bar, wordlists
+
+
+def log_P_of(logp_a, phi, lam=None):
+    """log P(x) of the energy-based model built on a (paper eq. 16; gdc_spec §2):
+
+        pointwise, every μ̄ = 1 (lam is None):  P(x) = a(x)·Π_i φ_i(x)     a hard constraint
+        otherwise:                              P(x) = a(x)·exp(λ·φ(x))
+
+    Note: with every μ̄ = 1 the exponential family would need λ = +inf; P = a·φ is its limit, with
+    P = 0 (log P = −inf) wherever a constraint fails. Hybrid tasks approach their μ̄ = 1 feature with
+    a large finite λ instead, as naver/gdc does.
+    """
+    if lam is None:
+        return torch.where((phi > 0).all(dim=1), logp_a, -math.inf)
+    return logp_a + phi.to(logp_a.dtype) @ lam.to(logp_a.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Training: Algorithm 1 (KL-adaptive DPG; GDC++ with the baseline, GDC without it)
+# -----------------------------------------------------------------------------
+
+
+def load_lm(name, extra_words=()):
+    """The original LM a and its tokenizer: `from_pretrained(name)`, or the offline tiny model."""
+    if name == "tiny":
+        return build_tiny(tiny_vocab(extra_words))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"cannot load model {name!r} ({why}); with no network, use --model tiny") from None
+
+
+def train(cfg, a, tokenizer, log=print):
+    """Fine-tune π from a to approximate p ∝ P on the task of `cfg`; write everything to cfg.out.
+
+    Paper, Algorithm 1 (KL-adaptive DPG), one gradient step per batch:
+        x_1..x_B ~ q;   A(x) = P(x)/q(x) − Ẑ·π(x)/q(x)  (GDC++; GDC drops the second term)
+        θ ← θ + α·(1/B)·Σ_i A(x_i)·∇log π_θ(x_i)
+        every K steps: Ẑ from fresh samples of q; if D_KL(p‖π) < D_KL(p‖q), q ← π
+    """
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    features, mu_bar, wordlists = task_features(cfg)
+    B, f, T, K = cfg.batch_size, cfg.forward_batch_size, cfg.seq_len, cfg.q_update_interval
+    hard = all(m == 1 for m in mu_bar)
+    samples = cfg.samples or (6_400_000 if hard else 8_400_000)    # gdc_spec §5
+    n_steps = cfg.steps or -(-samples // B)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    # The three LMs. All stay in eval mode: dropout would make the π we differentiate differ from the π
+    # that sampled and scored x (naver/gdc trained without dropout too, gdc_spec §1.0).
+    a = a.to(device).eval().requires_grad_(False)                   # original LM, frozen
+    q = copy.deepcopy(a)                                            # proposal, replaced by π now and then
+    pi = copy.deepcopy(a).requires_grad_(True)                      # the policy π_θ we train
+    os.makedirs(cfg.out, exist_ok=True)
+    pi.config.dpg_min = asdict(cfg)                                 # the run's config, in OUT/config.json
+    pi.config.save_pretrained(cfg.out)
+
+    def score(ids, lam):
+        """log a(x), φ(x) and log P(x) of samples ids (N, T + 1); each computed once per sample."""
+        with torch.no_grad():
+            logp_a = sequence_logprob(a, ids, f)
+        phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:]), wordlists).to(device)
+        return logp_a, phi, log_P_of(logp_a, phi, lam)
+
+    # The EBM (paper §4.1). Distributional tasks: fit λ by SNIS on samples of q = a, where w = a/q = 1.
+    lam = None
+    if not hard:
+        ids, _ = sample(a, cfg.lambda_samples, T, bos, B)
+        _, phi, _ = score(ids, None)
+        try:
+            lam, mu_hat = fit_lambdas(phi.double(), torch.zeros(len(ids), dtype=torch.float64), mu_bar,
+                                      cfg.lambda_tol)
+        except ValueError as e:
+            raise BadInput(f"fitting λ on {cfg.lambda_samples} samples of a: {e}") from None
+        lam = lam.to(device)
+        log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())} for μ̄ = {fmt(mu_bar)} "
+            f"({cfg.lambda_samples} samples of a)")
+
+    optimizer = torch.optim.Adam(pi.parameters(), lr=cfg.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    log(f"{'GDC++' if cfg.baseline else 'GDC'} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
+        f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
+    Z_hat, rounds, q_updates, q_updated, mean_abs_A = 0.0, 0, 0, False, float("nan")
+    t0 = time.time()
+    for step in range(n_steps + 1):
+        if step > 0:
+            # Algorithm 1, lines 3-6. log q(x) comes with each sample; log a(x) and φ(x) are computed
+            # once. We accumulate over chunks of f samples, each chunk's mean loss weighted by its share
+            # of the batch, so the step is exactly the batch-mean gradient for any f (naver/gdc summed
+            # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart).
+            ids, logp_q = sample(q, B, T, bos, B)
+            logp_a, phi, log_P = score(ids, lam)
+            optimizer.zero_grad()
+            logp_pi = []
+            for i in range(0, B, f):
+                chunk = slice(i, i + f)
+                lp = sequence_logprob(pi, ids[chunk], f)
+                loss = dpg_loss(lp, logp_q[chunk], log_P[chunk], Z_hat, cfg.baseline) * (len(lp) / B)
+                loss.backward()
+                logp_pi.append(lp.detach())
+            optimizer.step()
+            warmup.step()
+            A = dpg_advantage(torch.cat(logp_pi), logp_q, log_P, Z_hat, cfg.baseline)
+            mean_abs_A = A.abs().mean().item()                      # = 2·Z·TVD(p, π) for GDC++ (eq. 21)
+        if step % K == 0:
+            # Algorithm 1, lines 7-10, on K·B fresh samples of q: reusing the training batch would
+            # make Ẑ and the KL comparison depend on the very samples π was just fitted to. Ẑ is the
+            # equal-weight mean of all rounds' estimates (gdc_spec §1.3), each unbiased (eq. 13).
+            # Step 0 is the first round, so Ẑ exists before the first baseline needs it.
+            ids, logp_q = sample(q, K * B, T, bos, B)
+            _, _, log_P = score(ids, lam)
+            Z_round = estimate_Z(log_P, logp_q).item()
+            Z_hat, rounds = (Z_round + rounds * Z_hat) / (rounds + 1), rounds + 1
+            with torch.no_grad():
+                logp_pi = sequence_logprob(pi, ids, f)
+            kl_pi = kl_p_m(log_P, logp_q, logp_pi, Z_hat).item()
+            kl_q = kl_p_m(log_P, logp_q, logp_q, Z_hat).item()
+            if Z_round == 0:
+                log(f"step {step}: no sample of q has P(x) > 0 among {K * B}, so this round adds 0 to Ẑ "
+                    f"(now {Z_hat:.3g}){'; q is kept and there is no baseline' if Z_hat == 0 else ''}")
+            if step > 0 and kl_pi < kl_q:                           # never true while Ẑ = 0 (both +inf)
+                q.load_state_dict(pi.state_dict())
+                q_updates, q_updated = q_updates + 1, True
+        if step % cfg.eval_interval == 0 or step == n_steps:
+            texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer)
+            m = dict(step=step, samples=step * B, **m, kl_p_q=kl_q, Z_hat=Z_hat, mean_abs_A=mean_abs_A,
+                     q_updated=q_updated, q_updates=q_updates, seconds=round(time.time() - t0, 1))
+            log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
+                f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
+                f"Ẑ {Z_hat:.3g}  mean|A| {mean_abs_A:.3g}  q updates {q_updates}  {m['seconds']:.0f}s")
+            for text in texts[:3]:
+                log(f"    {text[:120]!r}")
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
+                file.write(json.dumps({k: finite(v) for k, v in m.items()}) + "\n")
+            q_updated = False
+        progress(step, n_steps, t0)
+    pi.save_pretrained(cfg.out)
+    tokenizer.save_pretrained(cfg.out)
+    log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
+    return pi, m
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (paper §4.2) and reporting
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer):
+    """E_π φ, D_KL(p‖π), D_KL(π‖a) and TVD(p, π) on n exact samples of π, and their texts.
+
+    Paper §4.2 evaluates on samples of π_θ; naver/gdc evaluated q for pointwise tasks (gdc_spec §7.1).
+    The KL and TVD estimates use π as their own proposal, so they need exact samples: no top-p here
+    (naver/gdc used top-p 0.9 for evaluation samples).
+    """
+    ids, logp_pi = sample(pi, n, T, bos, batch_size)
+    logp_a, phi, log_P = score(ids)
+    return tokenizer.batch_decode(ids[:, 1:]), dict(
+        E_pi_phi=phi.mean(0).tolist(),
+        kl_p_pi=kl_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
+        kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
+        tvd_p_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item())
+
+
+def fmt(values):
+    return "/".join(f"{v:.3g}" for v in values)
+
+
+def finite(v):
+    """JSON has no inf or NaN: write null for them (lists are handled element-wise)."""
+    if isinstance(v, list):
+        return [finite(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def progress(step, n_steps, t0):
+    """A progress bar on stderr, drawn only in a terminal (logs get the evaluation lines instead)."""
+    if sys.stderr.isatty():
+        done, elapsed = (step + 1) / (n_steps + 1), time.time() - t0
+        bar = "#" * int(30 * done)
+        sys.stderr.write(f"\r[{bar:<30}] step {step}/{n_steps}  {elapsed:.0f}s, ~{elapsed / done - elapsed:.0f}s left ")
+        sys.stderr.write("\n" if step == n_steps else "")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+
+def parse_config(argv=None):
+    """Config from command-line flags: one flag per field; `--model tiny` applies TINY to unset flags."""
+    parser = argparse.ArgumentParser(prog="dpg_min.py", description=__doc__.split("\n\n")[0])
+
+    def error(message):                                             # one line and exit 2, not usage
+        raise BadInput(message)
+    parser.error = error
+    for f in fields(Config):
+        tiny = f", tiny: {TINY[f.name]}" if f.name in TINY else ""
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, metavar=f.name.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
+                            help=f"{f.metadata['help']} [default: {f.default}{tiny}]")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    cfg = Config(**{**(TINY if given.get("model") == "tiny" else {}), **given})
+
+    for name in ("batch_size", "forward_batch_size", "seq_len", "q_update_interval", "eval_interval",
+                 "eval_samples", "lambda_samples", "samples", "steps"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise BadInput(f"--lr must be positive, got {cfg.lr}")
+    if cfg.method != "dpg":
+        raise BadInput(f"--method {cfg.method!r}: only dpg (GDC, GDC++) exists so far")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    task_features(cfg)                                              # checks task, moments and word list
+    if not cfg.out:
+        name = "custom" if cfg.word or cfg.wordlist else cfg.task
+        cfg.out = os.path.join("runs", f"{name}-{'gdc++' if cfg.baseline else 'gdc'}-"
+                                       f"{os.path.basename(cfg.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(cfg.out) and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)):
+        raise BadInput(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one")
+    return cfg
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        features, _, wordlists = task_features(cfg)
+        words = [w for x in features for kind, _, w in [x.partition(":")] for w in
+                 ([w] if kind == "word" else wordlists[w] if kind == "list" else [])]
+        a, tokenizer = load_lm(cfg.model, words)
+        if T_max := getattr(a.config, "max_position_embeddings", None):
+            if cfg.seq_len + 1 > T_max:
+                raise BadInput(f"--seq-len {cfg.seq_len} is too long for {cfg.model} ({T_max} positions)")
+        train(cfg, a, tokenizer)
+    except BadInput as e:
+        print(f"dpg_min.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
