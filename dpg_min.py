@@ -1,9 +1,11 @@
 """dpg_min: GDC++ (KL-adaptive DPG with a baseline) in one readable file.
 
-This is a reference implementation of
+Korbak, Elsahar, Kruszewski, Dymetman. "On Reinforcement Learning and Distribution Matching for
+Fine-Tuning Language Models with no Catastrophic Forgetting". NeurIPS 2022.
 
-    Korbak, Elsahar, Kruszewski, Dymetman. "On Reinforcement Learning and Distribution Matching
-    for Fine-Tuning Language Models with no Catastrophic Forgetting". NeurIPS 2022.
+    python dpg_min.py --task amazing --baseline               # the paper's setting: GPT-2, a GPU advised
+    python dpg_min.py --task amazing --baseline --model tiny  # offline, on a laptop CPU, in 2 minutes
+    python dpg_min.py --help                                  # every option, with its source
 
 The idea in two lines. Distribution matching (DM) first writes down the distribution we want,
 p(x) = P(x)/Z with an energy-based model P(x) = a(x)·exp(λ·φ(x)) built on the original LM a, and then
@@ -11,27 +13,27 @@ trains a policy π_θ to minimise D_KL(p‖π_θ) with Distributional Policy Gra
 the baseline Z·π_θ(x)/q(x) from DPG's importance weight P(x)/q(x), which adds no bias (Facts 1, 2)
 and centres the advantage around zero (paper Fig. 2).
 
-Map from the paper to this file (the section "Math" below):
+Map from the paper to this file:
     eq. 1      REINFORCE gradient            reinforce_loss
     eq. 2      KL-control reward R^z_θ       kl_control_reward
     eqs. 3-5   DPG gradient ∝ ∇D_KL(p‖π)     dpg_loss (baseline=False)
     Alg. 1 l.5 GDC++ advantage P/q − Z·π/q   dpg_advantage, dpg_loss (baseline=True)
+    Alg. 1     KL-adaptive DPG, q ← π        train
     eq. 13     Z = E_π[P/π] = Σ_x P(x)       estimate_Z
-    §4.2       D_KL(p‖π), D_KL(π‖a)          kl_p_m, kl_reverse
-    eq. 16     P = a·exp(λ·φ), fitting λ     fit_lambdas
+    eq. 16     P = a·exp(λ·φ), fitting λ     log_P_of, fit_lambdas
     eq. 21     E_q|A| = 2·Z·TVD(p, π)        tvd_p_m
+    §4.2       tasks                         TASKS, feature
+    §4.2       metrics on samples of π       evaluate (kl_p_m, kl_reverse)
 
 Every function in "Math" is a pure function of per-sequence tensors of shape (B,): log-probabilities
 summed over the generated tokens of each of B sequences. `toy_exact.py` imports these very functions
 and checks them against exact sums over small sequence spaces, so what trains is what is verified.
-
-Status: this file holds the verified math core, the LM plumbing (exact sampling, sequence log-probs,
-a tiny offline GPT-2) and the paper's word-based tasks. The training loop is the next step (README.md).
 """
 
 import argparse
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -55,7 +57,8 @@ def arg(default, help):
 @dataclass
 class Config:
     # task
-    task: str = arg("amazing", "a task of paper §4.2 (see TASKS)")
+    task: str = arg("amazing", "a task of paper §4.2: amazing, wikileaks, politics, science, female, topics, "
+                             "hybrid-sports, hybrid-politics")
     word: str = arg("", "custom constraint: the word W must occur (case-sensitive); replaces --task")
     wordlist: str = arg("", "custom constraint: a file of words, one per line, one must occur; replaces --task")
     moments: str = arg("", "target moments μ̄, comma-separated, one per feature (default: the task's)")
@@ -479,6 +482,8 @@ def task_features(cfg):
                                f"digits only); found {bad[:3] if bad else 'no words'}")
             wordlists[cfg.wordlist] = words
             task.append((f"list:{cfg.wordlist}", 1.0))
+        if cfg.word and not re.fullmatch(r"\w+", cfg.word):
+            raise BadInput(f"--word {cfg.word!r} must be one word of letters and digits")
     elif cfg.task in TASKS:
         task = TASKS[cfg.task]
     else:
@@ -522,6 +527,7 @@ def load_lm(name, extra_words=()):
     if name == "tiny":
         return build_tiny(tiny_vocab(extra_words))
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter: one line if it fails
     try:
         return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -698,7 +704,7 @@ def parse_config(argv=None):
         tiny = f", tiny: {TINY[f.name]}" if f.name in TINY else ""
         kind = dict(action="store_true") if f.type is bool else dict(type=f.type, metavar=f.name.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
-                            help=f"{f.metadata['help']} [default: {f.default}{tiny}]")
+                            help=f.metadata["help"] + (f" [default: {f.default}{tiny}]" if f.default else ""))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**(TINY if given.get("model") == "tiny" else {}), **given})
 
@@ -726,8 +732,7 @@ def main(argv=None):
     try:
         cfg = parse_config(argv)
         features, _, wordlists = task_features(cfg)
-        words = [w for x in features for kind, _, w in [x.partition(":")] for w in
-                 ([w] if kind == "word" else wordlists[w] if kind == "list" else [])]
+        words = [f[5:] for f in features if f.startswith("word:")] + [w for ws in wordlists.values() for w in ws]
         a, tokenizer = load_lm(cfg.model, words)
         if T_max := getattr(a.config, "max_position_embeddings", None):
             if cfg.seq_len + 1 > T_max:
