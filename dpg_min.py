@@ -97,7 +97,6 @@ class BadInput(Exception):
     """A user error: `main` prints it as one line and exits with status 2."""
 
 
-
 # -----------------------------------------------------------------------------
 # Math: losses and estimators
 #
@@ -464,6 +463,20 @@ def tiny_vocab(extra=(), size=1000):
     return words + filler[:max(0, size - len(words))]
 
 
+def load_lm(name, extra_words=()):
+    """The original LM a and its tokenizer: `from_pretrained(name)`, or the offline tiny model."""
+    if name == "tiny":
+        return build_tiny(tiny_vocab(extra_words))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter: one line if it fails
+    try:
+        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"cannot load model {name!r} ({why}); with no network, use --model tiny") from None
+
+
+
 def task_features(cfg):
     """The features, target moments μ̄ and word lists of the task that `cfg` asks for."""
     wordlists = dict(WORDLISTS)
@@ -518,24 +531,53 @@ def log_P_of(logp_a, phi, lam=None):
 
 
 # -----------------------------------------------------------------------------
+# Evaluation (paper §4.2) and reporting
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer):
+    """E_π φ, D_KL(p‖π), D_KL(π‖a) and TVD(p, π) on n exact samples of π, and their texts.
+
+    Paper §4.2 evaluates on samples of π_θ; naver/gdc evaluated q for pointwise tasks (gdc_spec §7.1).
+    The KL and TVD estimates use π as their own proposal, so they need exact samples: no top-p here
+    (naver/gdc used top-p 0.9 for evaluation samples).
+    """
+    ids, logp_pi = sample(pi, n, T, bos, batch_size)
+    logp_a, phi, log_P = score(ids)
+    return tokenizer.batch_decode(ids[:, 1:].tolist()), dict(
+        E_pi_phi=phi.mean(0).tolist(),
+        kl_p_pi=kl_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
+        kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
+        tvd_p_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item())
+
+
+def fmt(values):
+    return "/".join(f"{v:.3g}" for v in values)
+
+
+def say(text):
+    """print, on a line of its own even while the progress bar is drawn, and at once (not buffered)."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")                                # clear the progress bar's line
+    print(text, flush=True)
+
+
+def progress(step, n_steps, t0):
+    """A progress bar on stderr, drawn only in a terminal (logs get the evaluation lines instead)."""
+    if sys.stderr.isatty():
+        done, elapsed = (step + 1) / (n_steps + 1), time.time() - t0
+        bar = "#" * int(30 * done)
+        sys.stderr.write(f"\r[{bar:<30}] step {step}/{n_steps}  {elapsed:.0f}s, ~{elapsed / done - elapsed:.0f}s left ")
+        sys.stderr.write("\n" if step == n_steps else "")
+
+
+# -----------------------------------------------------------------------------
 # Training: Algorithm 1 (KL-adaptive DPG; GDC++ with the baseline, GDC without it)
 # -----------------------------------------------------------------------------
 
 
-def load_lm(name, extra_words=()):
-    """The original LM a and its tokenizer: `from_pretrained(name)`, or the offline tiny model."""
-    if name == "tiny":
-        return build_tiny(tiny_vocab(extra_words))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter: one line if it fails
-    try:
-        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise BadInput(f"cannot load model {name!r} ({why}); with no network, use --model tiny") from None
-
-
-def train(cfg, a, tokenizer, log=print):
+def train(cfg, a, tokenizer, log=None):
     """Fine-tune π from a to approximate p ∝ P on the task of `cfg`; write everything to cfg.out.
 
     Paper, Algorithm 1 (KL-adaptive DPG), one gradient step per batch:
@@ -544,6 +586,7 @@ def train(cfg, a, tokenizer, log=print):
         every K steps: Ẑ from fresh samples of q; if D_KL(p‖π) < D_KL(p‖q), q ← π
     """
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log = log or say
     torch.manual_seed(cfg.seed)
     features, mu_bar, wordlists = task_features(cfg)
     B, f, T, K = cfg.batch_size, cfg.forward_batch_size, cfg.seq_len, cfg.q_update_interval
@@ -565,7 +608,7 @@ def train(cfg, a, tokenizer, log=print):
         """log a(x), φ(x) and log P(x) of samples ids (N, T + 1); each computed once per sample."""
         with torch.no_grad():
             logp_a = sequence_logprob(a, ids, f)
-        phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:]), wordlists).to(device)
+        phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:].tolist()), wordlists).to(device)
         return logp_a, phi, log_P_of(logp_a, phi, lam)
 
     # The EBM (paper §4.1). Distributional tasks: fit λ by SNIS on samples of q = a, where w = a/q = 1.
@@ -637,55 +680,15 @@ def train(cfg, a, tokenizer, log=print):
             for text in texts[:3]:
                 log(f"    {text[:120]!r}")
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
-                file.write(json.dumps({k: finite(v) for k, v in m.items()}) + "\n")
+                # JSON has no inf or NaN (a KL estimate while Ẑ = 0, mean|A| before step 1): write null.
+                file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                       for k, v in m.items()}) + "\n")
             q_updated = False
         progress(step, n_steps, t0)
     pi.save_pretrained(cfg.out)
     tokenizer.save_pretrained(cfg.out)
     log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
     return pi, m
-
-
-# -----------------------------------------------------------------------------
-# Evaluation (paper §4.2) and reporting
-# -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer):
-    """E_π φ, D_KL(p‖π), D_KL(π‖a) and TVD(p, π) on n exact samples of π, and their texts.
-
-    Paper §4.2 evaluates on samples of π_θ; naver/gdc evaluated q for pointwise tasks (gdc_spec §7.1).
-    The KL and TVD estimates use π as their own proposal, so they need exact samples: no top-p here
-    (naver/gdc used top-p 0.9 for evaluation samples).
-    """
-    ids, logp_pi = sample(pi, n, T, bos, batch_size)
-    logp_a, phi, log_P = score(ids)
-    return tokenizer.batch_decode(ids[:, 1:]), dict(
-        E_pi_phi=phi.mean(0).tolist(),
-        kl_p_pi=kl_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
-        kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
-        tvd_p_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item())
-
-
-def fmt(values):
-    return "/".join(f"{v:.3g}" for v in values)
-
-
-def finite(v):
-    """JSON has no inf or NaN: write null for them (lists are handled element-wise)."""
-    if isinstance(v, list):
-        return [finite(x) for x in v]
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def progress(step, n_steps, t0):
-    """A progress bar on stderr, drawn only in a terminal (logs get the evaluation lines instead)."""
-    if sys.stderr.isatty():
-        done, elapsed = (step + 1) / (n_steps + 1), time.time() - t0
-        bar = "#" * int(30 * done)
-        sys.stderr.write(f"\r[{bar:<30}] step {step}/{n_steps}  {elapsed:.0f}s, ~{elapsed / done - elapsed:.0f}s left ")
-        sys.stderr.write("\n" if step == n_steps else "")
 
 
 # -----------------------------------------------------------------------------
