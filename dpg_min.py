@@ -600,9 +600,6 @@ def train(cfg, a, tokenizer, log=None):
     a = a.to(device).eval().requires_grad_(False)                   # original LM, frozen
     q = copy.deepcopy(a)                                            # proposal, replaced by π now and then
     pi = copy.deepcopy(a).requires_grad_(True)                      # the policy π_θ we train
-    os.makedirs(cfg.out, exist_ok=True)
-    pi.config.dpg_min = asdict(cfg)                                 # the run's config, in OUT/config.json
-    pi.config.save_pretrained(cfg.out)
 
     def score(ids, lam):
         """log a(x), φ(x) and log P(x) of samples ids (N, T + 1); each computed once per sample."""
@@ -624,6 +621,11 @@ def train(cfg, a, tokenizer, log=None):
         lam = lam.to(device)
         log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())} for μ̄ = {fmt(mu_bar)} "
             f"({cfg.lambda_samples} samples of a)")
+        if torch.linalg.vector_norm(mu_hat - torch.tensor(mu_bar, dtype=mu_hat.dtype)) >= cfg.lambda_tol:
+            log(f"warning: λ did not reach the targets within --lambda-tol {cfg.lambda_tol}; training goes on")
+    os.makedirs(cfg.out, exist_ok=True)                             # only now: bad input writes nothing
+    pi.config.dpg_min = asdict(cfg)                                 # the run's config, in OUT/config.json
+    pi.config.save_pretrained(cfg.out)
 
     optimizer = torch.optim.Adam(pi.parameters(), lr=cfg.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))

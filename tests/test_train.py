@@ -226,3 +226,11 @@ def test_the_program_prints_no_traceback_on_bad_input():
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+
+
+def test_a_feature_that_never_fires_stops_before_writing(tmp_path):
+    """λ cannot reach μ̄ = 0.5 for a word the model never produces: BadInput, and no output directory."""
+    cfg = small_config(tmp_path, word="absent", moments="0.5")
+    with pytest.raises(dm.BadInput, match="never fires"):
+        run(cfg)                                           # load_lm("tiny") without the word
+    assert not os.path.exists(cfg.out)
