@@ -614,14 +614,13 @@ def train(cfg, a, tokenizer, log=None):
         ids, _ = sample(a, cfg.lambda_samples, T, bos, B)
         _, phi, _ = score(ids, None)
         try:
-            lam, mu_hat = fit_lambdas(phi.double(), torch.zeros(len(ids), dtype=torch.float64), mu_bar,
-                                      cfg.lambda_tol)
+            lam, mu_hat = fit_lambdas(phi.double(), torch.zeros(len(ids), dtype=torch.float64, device=device),
+                                      mu_bar, cfg.lambda_tol)
         except ValueError as e:
             raise BadInput(f"fitting λ on {cfg.lambda_samples} samples of a: {e}") from None
-        lam = lam.to(device)
         log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())} for μ̄ = {fmt(mu_bar)} "
             f"({cfg.lambda_samples} samples of a)")
-        if torch.linalg.vector_norm(mu_hat - torch.tensor(mu_bar, dtype=mu_hat.dtype)) >= cfg.lambda_tol:
+        if torch.linalg.vector_norm(mu_hat - torch.tensor(mu_bar, device=device).double()) >= cfg.lambda_tol:
             log(f"warning: λ did not reach the targets within --lambda-tol {cfg.lambda_tol}; training goes on")
     os.makedirs(cfg.out, exist_ok=True)                             # only now: bad input writes nothing
     pi.config.dpg_min = asdict(cfg)                                 # the run's config, in OUT/config.json
