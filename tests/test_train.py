@@ -234,3 +234,16 @@ def test_a_feature_that_never_fires_stops_before_writing(tmp_path):
     with pytest.raises(dm.BadInput, match="never fires"):
         run(cfg)                                           # load_lm("tiny") without the word
     assert not os.path.exists(cfg.out)
+
+
+def test_the_command_line_runs_end_to_end(tmp_path):
+    """`python dpg_min.py ... --model tiny` with a custom word: exit 0, metrics, config and model saved."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "dpg_min.py", "--model", "tiny", "--word", "zebra", "--baseline",
+                             "--steps", "2", "--batch-size", "16", "--eval-interval", "1", "--eval-samples", "16",
+                             "--q-update-interval", "1", "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]
+    config = json.loads((out / "config.json").read_text())["dpg_min"]
+    assert config["word"] == "zebra" and config["seq_len"] == dm.TINY["seq_len"]
+    assert (out / "model.safetensors").exists() and "step 2/2" in result.stdout
