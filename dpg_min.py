@@ -82,6 +82,8 @@ class Config:
     # evaluation and output
     eval_interval: int = arg(10, "evaluate π every this many steps (gdc_spec §5)")
     eval_samples: int = arg(2048, "samples of π per evaluation (gdc_spec §5)")
+    diversity_samples: int = arg(500, "Distinct-n and Self-BLEU-n on the first this many evaluation samples; "
+                                      "Self-BLEU's cost is quadratic in them (gdc_spec §3: 500)")
     seed: int = arg(12, "random seed (gdc_spec §5)")
     out: str = arg("", "output directory, must be new or empty (default: runs/TASK-METHOD-MODEL-TIME)")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
@@ -90,7 +92,7 @@ class Config:
 # `--model tiny` presets, measured on 2 CPU cores (README "Quick start"); flags still override them.
 # A random tiny model is far from GPT-2, so it wants a larger learning rate and far fewer samples.
 TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
-            eval_interval=20, eval_samples=1024, lambda_samples=4096)
+            eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100)
 
 
 class BadInput(Exception):
@@ -535,9 +537,47 @@ def log_P_of(logp_a, phi, lam=None):
 # -----------------------------------------------------------------------------
 
 
+def tokens_of(text):
+    """Word and punctuation tokens (the rule of nltk's wordpunct_tokenize, which needs no data)."""
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
+def distinct_n(texts, n):
+    """Distinct-n (Li et al. 2016): distinct n-grams / all n-grams, over the tokens of all texts.
+
+    1 means no n-gram occurs twice among the samples; a policy that collapses onto a few texts or
+    words scores near 0. The value falls as texts are added, so compare runs at equal sample counts.
+    Note: naver/gdc averaged a per-text ratio over texts and divided it by the token count, not the
+    n-gram count (gdc_spec §3): that measures repetition within a text, not across samples.
+    """
+    grams = [tuple(t[i:i + n]) for t in map(tokens_of, texts) for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def self_bleu(texts, ns=(3, 4, 5)):
+    """Self-BLEU-n (Zhu et al. 2018, Texygen) for each n in ns: the mean, over texts, of the BLEU-n of a
+    text against all the others as references, on word tokens, smoothed (nltk's method1).
+
+    1 means every sample is a copy of the others (for texts of at least n tokens), 0 that no text
+    shares a single token with another; lower is more diverse. Note: naver/gdc passed raw strings to nltk, which made its n-grams character n-grams
+    (gdc_spec §3). The cost is quadratic in len(texts), so callers pass a bounded subset.
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    tokens = [tokens_of(t) for t in texts]
+    if len(tokens) < 2:
+        return [math.nan for _ in ns]
+    weights, smooth = [(1 / n,) * n for n in ns], SmoothingFunction().method1
+    scores = [sentence_bleu(tokens[:i] + tokens[i + 1:], hyp, weights, smoothing_function=smooth)
+              for i, hyp in enumerate(tokens)]
+    # nltk returns a list with one score per weight tuple, but a bare 0 when no unigram matches
+    scores = [s if isinstance(s, list) else [s] * len(ns) for s in scores]
+    return [sum(column) / len(scores) for column in zip(*scores)]
+
+
 @torch.no_grad()
-def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer):
-    """E_π φ, D_KL(p‖π), D_KL(π‖a) and TVD(p, π) on n exact samples of π, and their texts.
+def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer, n_diverse):
+    """E_π φ, D_KL(p‖π), D_KL(π‖a), TVD(p, π) on n exact samples of π, Distinct-1,2,3 and Self-BLEU-3,4,5
+    on the first n_diverse of them (both depend on the sample count), and the texts.
 
     Paper §4.2 evaluates on samples of π_θ; naver/gdc evaluated q for pointwise tasks (gdc_spec §7.1).
     The KL and TVD estimates use π as their own proposal, so they need exact samples: no top-p here
@@ -545,11 +585,16 @@ def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer):
     """
     ids, logp_pi = sample(pi, n, T, bos, batch_size)
     logp_a, phi, log_P = score(ids)
-    return tokenizer.batch_decode(ids[:, 1:].tolist()), dict(
+    texts = tokenizer.batch_decode(ids[:, 1:].tolist())
+    diverse = texts[:n_diverse]
+    bleu = self_bleu(diverse, (3, 4, 5))
+    return texts, dict(
         E_pi_phi=phi.mean(0).tolist(),
         kl_p_pi=kl_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
         kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
-        tvd_p_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item())
+        tvd_p_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
+        **{f"distinct_{k}": distinct_n(diverse, k) for k in (1, 2, 3)},
+        **{f"self_bleu_{k}": b for k, b in zip((3, 4, 5), bleu)})
 
 
 def fmt(values):
@@ -672,11 +717,13 @@ def train(cfg, a, tokenizer, log=None):
                 q.load_state_dict(pi.state_dict())
                 q_updates, q_updated = q_updates + 1, True
         if step % cfg.eval_interval == 0 or step == n_steps:
-            texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer)
+            texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer,
+                                cfg.diversity_samples)
             m = dict(step=step, samples=step * B, **m, kl_p_q=kl_q, Z_hat=Z_hat, mean_abs_A=mean_abs_A,
                      q_updated=q_updated, q_updates=q_updates, seconds=round(time.time() - t0, 1))
             log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
                 f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
+                f"Self-BLEU-5 {m['self_bleu_5']:.3f}  Distinct-1 {m['distinct_1']:.3f}  "
                 f"Ẑ {Z_hat:.3g}  mean|A| {mean_abs_A:.3g}  q updates {q_updates}  {m['seconds']:.0f}s")
             for text in texts[:3]:
                 log(f"    {text[:120]!r}")
@@ -713,7 +760,7 @@ def parse_config(argv=None):
     cfg = Config(**{**(TINY if given.get("model") == "tiny" else {}), **given})
 
     for name in ("batch_size", "forward_batch_size", "seq_len", "q_update_interval", "eval_interval",
-                 "eval_samples", "lambda_samples", "samples", "steps"):
+                 "eval_samples", "lambda_samples", "diversity_samples", "samples", "steps"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
