@@ -63,8 +63,10 @@ class Config:
     wordlist: str = arg("", "custom constraint: a file of words, one per line, one must occur; replaces --task")
     moments: str = arg("", "target moments μ̄, comma-separated, one per feature (default: the task's)")
     # method
-    method: str = arg("dpg", "dpg: KL-adaptive DPG (Algorithm 1); reinforce and ziegler come later")
-    baseline: bool = arg(False, "GDC++: subtract the baseline Z·π/q (Algorithm 1, line 5); without it, GDC")
+    method: str = arg("dpg", "dpg: KL-adaptive DPG (Algorithm 1); reinforce: REINFORCE with R = φ (eq. 1), "
+                             "pointwise tasks only; ziegler comes later")
+    baseline: bool = arg(False, "with a baseline: for dpg, GDC++ (Z·π/q, Algorithm 1 line 5; without it, GDC); "
+                                "for reinforce, the batch-mean reward (eq. 12)")
     # model and sampling
     model: str = arg("gpt2", "a: HF name or local path (paper: gpt2, 117M), or tiny (offline, built in code)")
     seq_len: int = arg(40, "T, tokens sampled after BOS (gdc_spec §5: txt_out_len 40)")
@@ -576,12 +578,15 @@ def self_bleu(texts, ns=(3, 4, 5)):
 
 @torch.no_grad()
 def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer, n_diverse):
-    """E_π φ, D_KL(p‖π), D_KL(π‖a), TVD(p, π) on n exact samples of π, Distinct-1,2,3 and Self-BLEU-3,4,5
-    on the first n_diverse of them (both depend on the sample count), and the texts.
+    """E_π φ and D_KL(π‖a) on n exact samples of π, Distinct-1,2,3 and Self-BLEU-3,4,5 on the first
+    n_diverse of them (both depend on the sample count), and the texts.
 
     Paper §4.2 evaluates on samples of π_θ; naver/gdc evaluated q for pointwise tasks (gdc_spec §7.1).
-    The KL and TVD estimates use π as their own proposal, so they need exact samples: no top-p here
-    (naver/gdc used top-p 0.9 for evaluation samples).
+    Samples are exact (naver/gdc used top-p 0.9 here), since D_KL(π‖a) = E_π[log π − log a] needs π's
+    own distribution. D_KL(p‖π) and TVD(p, π) are also estimated here with π as the proposal
+    (`_on_pi`), but the headline values come from the q-check (see `train`): an estimate from π's own
+    samples cannot see the part of p that π has lost. Reinforce on the tiny model (100 steps): 0.59
+    nats from samples of π, 9.2 from samples of a.
     """
     ids, logp_pi = sample(pi, n, T, bos, batch_size)
     logp_a, phi, log_P = score(ids)
@@ -590,9 +595,9 @@ def evaluate(pi, score, n, T, bos, Z_hat, batch_size, tokenizer, n_diverse):
     bleu = self_bleu(diverse, (3, 4, 5))
     return texts, dict(
         E_pi_phi=phi.mean(0).tolist(),
-        kl_p_pi=kl_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
+        kl_p_pi_on_pi=kl_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
         kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
-        tvd_p_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
+        tvd_p_pi_on_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z_hat).item(),
         **{f"distinct_{k}": distinct_n(diverse, k) for k in (1, 2, 3)},
         **{f"self_bleu_{k}": b for k, b in zip((3, 4, 5), bleu)})
 
@@ -673,7 +678,9 @@ def train(cfg, a, tokenizer, log=None):
 
     optimizer = torch.optim.Adam(pi.parameters(), lr=cfg.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    log(f"{'GDC++' if cfg.baseline else 'GDC'} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
+    name = ("GDC++" if cfg.baseline else "GDC") if cfg.method == "dpg" else \
+        f"Reinforce{' with baseline' if cfg.baseline else ''}"
+    log(f"{name} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
         f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
     Z_hat, rounds, q_updates, q_updated, mean_abs_A = 0.0, 0, 0, False, float("nan")
     t0 = time.time()
@@ -683,25 +690,32 @@ def train(cfg, a, tokenizer, log=None):
             # once. We accumulate over chunks of f samples, each chunk's mean loss weighted by its share
             # of the batch, so the step is exactly the batch-mean gradient for any f (naver/gdc summed
             # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart).
-            ids, logp_q = sample(q, B, T, bos, B)
+            # DPG samples the proposal q; Reinforce samples π itself (on-policy), so its "logp_q" is log π.
+            ids, logp_q = sample(q if cfg.method == "dpg" else pi, B, T, bos, B)
             logp_a, phi, log_P = score(ids, lam)
+            R = (log_P > -math.inf).to(log_P.dtype)                 # Reinforce's reward: φ(x), pointwise
+            R = R - R.mean() if cfg.baseline else R                 # the RL baseline E R (eq. 12)
             optimizer.zero_grad()
             logp_pi = []
             for i in range(0, B, f):
                 chunk = slice(i, i + f)
                 lp = sequence_logprob(pi, ids[chunk], f)
-                loss = dpg_loss(lp, logp_q[chunk], log_P[chunk], Z_hat, cfg.baseline) * (len(lp) / B)
-                loss.backward()
+                if cfg.method == "dpg":                             # the only method-specific lines
+                    loss = dpg_loss(lp, logp_q[chunk], log_P[chunk], Z_hat, cfg.baseline)
+                else:
+                    loss = reinforce_loss(lp, R[chunk])
+                (loss * (len(lp) / B)).backward()
                 logp_pi.append(lp.detach())
             optimizer.step()
             warmup.step()
-            A = dpg_advantage(torch.cat(logp_pi), logp_q, log_P, Z_hat, cfg.baseline)
+            A = dpg_advantage(torch.cat(logp_pi), logp_q, log_P, Z_hat, cfg.baseline) if cfg.method == "dpg" else R
             mean_abs_A = A.abs().mean().item()                      # = 2·Z·TVD(p, π) for GDC++ (eq. 21)
-        if step % K == 0:
+        if step % K == 0 or step == n_steps:
             # Algorithm 1, lines 7-10, on K·B fresh samples of q: reusing the training batch would
             # make Ẑ and the KL comparison depend on the very samples π was just fitted to. Ẑ is the
             # equal-weight mean of all rounds' estimates (gdc_spec §1.3), each unbiased (eq. 13).
-            # Step 0 is the first round, so Ẑ exists before the first baseline needs it.
+            # Step 0 is the first round, so Ẑ exists before the first baseline needs it. Reinforce never
+            # replaces q, so for it these rounds estimate Z and D_KL(p‖π) by importance sampling from a.
             ids, logp_q = sample(q, K * B, T, bos, B)
             _, _, log_P = score(ids, lam)
             Z_round = estimate_Z(log_P, logp_q).item()
@@ -710,16 +724,17 @@ def train(cfg, a, tokenizer, log=None):
                 logp_pi = sequence_logprob(pi, ids, f)
             kl_pi = kl_p_m(log_P, logp_q, logp_pi, Z_hat).item()
             kl_q = kl_p_m(log_P, logp_q, logp_q, Z_hat).item()
+            tvd_pi = tvd_p_m(log_P, logp_q, logp_pi, Z_hat).item()
             if Z_round == 0:
                 log(f"step {step}: no sample of q has P(x) > 0 among {K * B}, so this round adds 0 to Ẑ "
                     f"(now {Z_hat:.3g}){'; q is kept and there is no baseline' if Z_hat == 0 else ''}")
-            if step > 0 and kl_pi < kl_q:                           # never true while Ẑ = 0 (both +inf)
+            if cfg.method == "dpg" and step > 0 and kl_pi < kl_q:   # never true while Ẑ = 0 (both +inf)
                 q.load_state_dict(pi.state_dict())
                 q_updates, q_updated = q_updates + 1, True
         if step % cfg.eval_interval == 0 or step == n_steps:
             texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer,
                                 cfg.diversity_samples)
-            m = dict(step=step, samples=step * B, **m, kl_p_q=kl_q, Z_hat=Z_hat, mean_abs_A=mean_abs_A,
+            m = dict(step=step, samples=step * B, **m, kl_p_pi=kl_pi, tvd_p_pi=tvd_pi, kl_p_q=kl_q, Z_hat=Z_hat, mean_abs_A=mean_abs_A,
                      q_updated=q_updated, q_updates=q_updates, seconds=round(time.time() - t0, 1))
             log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
                 f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
@@ -765,11 +780,14 @@ def parse_config(argv=None):
             raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise BadInput(f"--lr must be positive, got {cfg.lr}")
-    if cfg.method != "dpg":
-        raise BadInput(f"--method {cfg.method!r}: only dpg (GDC, GDC++) exists so far")
+    if cfg.method not in ("dpg", "reinforce"):
+        raise BadInput(f"--method {cfg.method!r}: use dpg or reinforce (ziegler is not implemented yet)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
-    task_features(cfg)                                              # checks task, moments and word list
+    _, mu_bar, _ = task_features(cfg)                               # checks task, moments and word list
+    if cfg.method != "dpg" and any(m != 1 for m in mu_bar):
+        raise BadInput(f"--method {cfg.method} needs a pointwise task (every moment 1): a reward cannot "
+                       f"express the distributional constraint μ̄ = {mu_bar} (paper §4); use --method dpg")
     if not cfg.out:
         name = "custom" if cfg.word or cfg.wordlist else cfg.task
         cfg.out = os.path.join("runs", f"{name}-{'gdc++' if cfg.baseline else 'gdc'}-"

@@ -95,6 +95,20 @@ def test_gdc_without_baseline_runs_and_differs_from_gdcpp(tmp_path):
     assert torch.isfinite(w1).all() and torch.isfinite(w2).all() and not torch.equal(w1, w2)
 
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_reinforce_on_tiny_raises_E_phi_and_keeps_q_at_a(tmp_path, baseline):
+    """REINFORCE (R = φ, optionally minus the batch mean) on `amazing`: E_π φ rises; q is never replaced,
+    so its rounds estimate D_KL(p‖π) by importance sampling from a."""
+    cfg = small_config(tmp_path, method="reinforce", baseline=baseline, batch_size=128, forward_batch_size=64,
+                       steps=30, eval_interval=30, eval_samples=256, q_update_interval=10)
+    lines = []
+    run(cfg, log=lines.append)
+    first, final = read_metrics(cfg.out)
+    assert lines[0].startswith("Reinforce with baseline" if baseline else "Reinforce on")
+    assert final["E_pi_phi"][0] > 2 * first["E_pi_phi"][0] + 0.03 and final["q_updates"] == 0
+    assert first["kl_p_pi"] == pytest.approx(first["kl_p_q"], rel=1e-5)   # π = q = a at step 0
+
+
 @pytest.mark.parametrize("task", ["female", "hybrid-sports"])
 def test_distributional_tasks_fit_lambda_and_train(tmp_path, task):
     lines = []
@@ -190,7 +204,9 @@ def test_every_config_field_has_a_flag_and_tiny_presets_yield_to_flags(tmp_path)
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--batch-size", "many"], "invalid int value"),
     (["--word", "two words"], "one word"),
-    (["--method", "ppo"], "only dpg"),
+    (["--method", "ppo"], "use dpg or reinforce"),
+    (["--method", "reinforce", "--task", "female"], "needs a pointwise task"),
+    (["--method", "reinforce", "--moments", "0.5"], "needs a pointwise task"),
     (["--model", "/no/such/model"], "use --model tiny"),
     (["--model", "tiny", "--seq-len", "500"], "too long"),
 ])
