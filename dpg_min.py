@@ -480,7 +480,6 @@ def load_lm(name, extra_words=()):
         raise BadInput(f"cannot load model {name!r} ({why}); with no network, use --model tiny") from None
 
 
-
 def task_features(cfg):
     """The features, target moments μ̄ and word lists of the task that `cfg` asks for."""
     wordlists = dict(WORDLISTS)
@@ -561,8 +560,9 @@ def self_bleu(texts, ns=(3, 4, 5)):
     text against all the others as references, on word tokens, smoothed (nltk's method1).
 
     1 means every sample is a copy of the others (for texts of at least n tokens), 0 that no text
-    shares a single token with another; lower is more diverse. Note: naver/gdc passed raw strings to nltk, which made its n-grams character n-grams
-    (gdc_spec §3). The cost is quadratic in len(texts), so callers pass a bounded subset.
+    shares a single token with another; lower is more diverse. The cost is quadratic in len(texts),
+    so callers pass a bounded subset. Note: naver/gdc passed raw strings to nltk, which made its
+    n-grams character n-grams (gdc_spec §3).
     """
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     tokens = [tokens_of(t) for t in texts]
@@ -689,12 +689,13 @@ def train(cfg, a, tokenizer, log=None):
             # Algorithm 1, lines 3-6. log q(x) comes with each sample; log a(x) and φ(x) are computed
             # once. We accumulate over chunks of f samples, each chunk's mean loss weighted by its share
             # of the batch, so the step is exactly the batch-mean gradient for any f (naver/gdc summed
-            # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart).
-            # DPG samples the proposal q; Reinforce samples π itself (on-policy), so its "logp_q" is log π.
+            # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart). DPG samples the
+            # proposal q; Reinforce samples π itself (on-policy), so there "logp_q" is log π.
             ids, logp_q = sample(q if cfg.method == "dpg" else pi, B, T, bos, B)
             logp_a, phi, log_P = score(ids, lam)
-            R = (log_P > -math.inf).to(log_P.dtype)                 # Reinforce's reward: φ(x), pointwise
-            R = R - R.mean() if cfg.baseline else R                 # the RL baseline E R (eq. 12)
+            if cfg.method == "reinforce":
+                R = (log_P > -math.inf).to(log_P.dtype)             # the reward φ(x) of a pointwise task
+                R = R - R.mean() if cfg.baseline else R             # the RL baseline E R (eq. 12)
             optimizer.zero_grad()
             logp_pi = []
             for i in range(0, B, f):
@@ -708,7 +709,8 @@ def train(cfg, a, tokenizer, log=None):
                 logp_pi.append(lp.detach())
             optimizer.step()
             warmup.step()
-            A = dpg_advantage(torch.cat(logp_pi), logp_q, log_P, Z_hat, cfg.baseline) if cfg.method == "dpg" else R
+            A = R if cfg.method == "reinforce" else dpg_advantage(torch.cat(logp_pi), logp_q, log_P, Z_hat,
+                                                                  cfg.baseline)
             mean_abs_A = A.abs().mean().item()                      # = 2·Z·TVD(p, π) for GDC++ (eq. 21)
         if step % K == 0 or step == n_steps:
             # Algorithm 1, lines 7-10, on K·B fresh samples of q: reusing the training batch would
@@ -734,8 +736,9 @@ def train(cfg, a, tokenizer, log=None):
         if step % cfg.eval_interval == 0 or step == n_steps:
             texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer,
                                 cfg.diversity_samples)
-            m = dict(step=step, samples=step * B, **m, kl_p_pi=kl_pi, tvd_p_pi=tvd_pi, kl_p_q=kl_q, Z_hat=Z_hat, mean_abs_A=mean_abs_A,
-                     q_updated=q_updated, q_updates=q_updates, seconds=round(time.time() - t0, 1))
+            m = dict(step=step, samples=step * B, **m, kl_p_pi=kl_pi, tvd_p_pi=tvd_pi, kl_p_q=kl_q, Z_hat=Z_hat,
+                     mean_abs_A=mean_abs_A, q_updated=q_updated, q_updates=q_updates,
+                     seconds=round(time.time() - t0, 1))
             log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
                 f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
                 f"Self-BLEU-5 {m['self_bleu_5']:.3f}  Distinct-1 {m['distinct_1']:.3f}  "
