@@ -63,10 +63,13 @@ class Config:
     wordlist: str = arg("", "custom constraint: a file of words, one per line, one must occur; replaces --task")
     moments: str = arg("", "target moments μ̄, comma-separated, one per feature (default: the task's)")
     # method
-    method: str = arg("dpg", "dpg: KL-adaptive DPG (Algorithm 1); reinforce: REINFORCE with R = φ (eq. 1), "
-                             "pointwise tasks only; ziegler comes later")
+    classifier: str = arg("distilbert-base-uncased-finetuned-sst-2-english",
+                          "tasks positive and negative: an HF text classifier (name or path) with labels named "
+                          "POSITIVE/NEGATIVE, or tiny (random, built in code: for plumbing only)")
+    method: str = arg("dpg", "dpg: KL-adaptive DPG (Algorithm 1); reinforce: REINFORCE with R = φ (eq. 1); "
+                             "ziegler: KL-control (eq. 2) by PPO (Ziegler et al. 2019). RL methods: pointwise tasks")
     baseline: bool = arg(False, "with a baseline: for dpg, GDC++ (Z·π/q, Algorithm 1 line 5; without it, GDC); "
-                                "for reinforce, the batch-mean reward (eq. 12)")
+                                "for reinforce, the batch-mean reward (eq. 12); ziegler always has one (its value head)")
     # model and sampling
     model: str = arg("gpt2", "a: HF name or local path (paper: gpt2, 117M), or tiny (offline, built in code)")
     seq_len: int = arg(40, "T, tokens sampled after BOS (gdc_spec §5: txt_out_len 40)")
@@ -79,6 +82,11 @@ class Config:
     warmup: int = arg(100, "steps of linear learning-rate warm-up, then constant (gdc_spec §5)")
     q_update_interval: int = arg(10, "K: every K steps, estimate Z on K·B fresh samples of q and maybe "
                                      "set q ← π (Algorithm 1; gdc_spec §1.3)")
+    ppo_epochs: int = arg(1, "ziegler: passes over each batch (gdc_spec §1.5: PPO.json)")
+    ppo_minibatch: int = arg(32, "ziegler: samples per PPO minibatch, one Adam step each (gdc_spec §1.5)")
+    kl_beta: float = arg(0.2, "ziegler: initial KL coefficient β (gdc_spec §1.5)")
+    kl_target: float = arg(6.0, "ziegler: β adapts so that KL(π‖a) of a batch nears this many nats (gdc_spec §1.5)")
+    kl_horizon: int = arg(10000, "ziegler: β's adaptation horizon, in samples (gdc_spec §1.5)")
     lambda_samples: int = arg(10240, "samples of a to fit λ of a distributional task (gdc_spec §2)")
     lambda_tol: float = arg(0.01, "fit λ until ‖μ̄ − μ̂‖₂ < this (gdc_spec §2)")
     # evaluation and output
@@ -86,6 +94,9 @@ class Config:
     eval_samples: int = arg(2048, "samples of π per evaluation (gdc_spec §5)")
     diversity_samples: int = arg(500, "Distinct-n and Self-BLEU-n on the first this many evaluation samples; "
                                       "Self-BLEU's cost is quadratic in them (gdc_spec §3: 500)")
+    grad_var_interval: int = arg(0, "every this many steps, Var(G) from per-sample gradients (§4.5, eqs. 17-18; "
+                                    "one backward pass per sample); 0: never")
+    grad_var_samples: int = arg(64, "samples of the batch for Var(G) (gdc_spec §3: minibatches of 64)")
     seed: int = arg(12, "random seed (gdc_spec §5)")
     out: str = arg("", "output directory, must be new or empty (default: runs/TASK-METHOD-MODEL-TIME)")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
@@ -94,7 +105,7 @@ class Config:
 # `--model tiny` presets, measured on 2 CPU cores (README "Quick start"); flags still override them.
 # A random tiny model is far from GPT-2, so it wants a larger learning rate and far fewer samples.
 TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
-            eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100)
+            eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100, classifier="tiny")
 
 
 class BadInput(Exception):
@@ -189,6 +200,85 @@ def reinforce_loss(logp_pi, reward):
     The reward is detached: it is a fixed number per sample, whatever produced it.
     """
     return -(reward.detach() * logp_pi).mean()
+
+
+def kl_penalty_rewards(logp_pi_t, logp_a_t, R, beta):
+    """Ziegler et al.'s per-token rewards (B, T): the KL-control reward of eq. 2 spread over the tokens,
+
+        r_t = −β·(log π(y_t | y_<t) − log a(y_t | y_<t)),   plus R(x) at the last token t = T,
+
+    so that Σ_t r_t = R(x) − β·log(π(x)/a(x)) = R^z(x) (`kl_control_reward`): PPO gets a KL signal at
+    every token and the task's score once, at the end (gdc_spec §1.5). Inputs are token log-probs (B, T).
+    """
+    r = -beta * (logp_pi_t - logp_a_t).detach()
+    return torch.cat([r[:, :-1], r[:, -1:] + R.detach().to(r.dtype)[:, None]], dim=1)
+
+
+def gae(r, V, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) on per-token rewards r and values V (B, T):
+
+        δ_t = r_t + γ·V_{t+1} − V_t  (V_{T+1} = 0: the episode ends),   A_t = Σ_{k≥0} (γλ)^k·δ_{t+k},
+
+    computed backwards as A_t = δ_t + γλ·A_{t+1}. Returns (A, A + V); A + V is the value target.
+    γ = 1, λ = 0.95 as in Ziegler et al. 2019 and naver/gdc (gdc_spec §1.5).
+    """
+    A, next_A = torch.zeros_like(r), torch.zeros_like(r[:, 0])
+    next_V = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        next_A = r[:, t] + gamma * next_V - V[:, t] + gamma * lam * next_A
+        A[:, t], next_V = next_A, V[:, t]
+    return A, A + V
+
+
+def ppo_loss(logp, logp_old, A, V, V_old, returns, clip=0.2, vf_coef=0.1):
+    """The PPO-clip loss with a clipped value loss (Schulman et al. 2017; gdc_spec §1.5), per token (B, T):
+
+        ρ_t = π(y_t|·)/π_old(y_t|·),   L^π = E_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 ± ε)),
+        L^V = ½·E_t max((V_t − G_t)², (V_old,t + clip(V_t − V_old,t, ±ε) − G_t)²),   loss = L^π + c·L^V.
+
+    The clip keeps each update near the policy that sampled the batch. Returns (loss, ρ).
+    """
+    ratio = torch.exp(logp - logp_old.detach())
+    A = A.detach()
+    policy = torch.max(-A * ratio, -A * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+    V_clipped = V_old + torch.clamp(V - V_old, -clip, clip)
+    value = 0.5 * torch.max((V - returns) ** 2, (V_clipped - returns) ** 2).mean()
+    return policy + vf_coef * value, ratio
+
+
+def adaptive_beta(beta, kl, target, horizon, n):
+    """Ziegler et al.'s adaptive KL coefficient, after a batch of n samples whose mean log(π/a) is kl:
+
+        β ← β·(1 + clip(kl/target − 1, −0.2, 0.2)·n/horizon)
+
+    β grows when π drifts further from a than the target number of nats, and shrinks when it stays
+    closer (gdc_spec §1.5: β₀ = 0.2, target 6, horizon 10000).
+    """
+    return beta * (1 + min(max(kl / target - 1, -0.2), 0.2) * n / horizon)
+
+
+def ess(log_w):
+    """Effective sample size (Σw)²/Σw² (Kish) of importance weights w = exp(log_w): N when all are equal,
+    1 when a single weight dominates, 0 when all are 0 (no sample has P > 0). In log space."""
+    if torch.all(log_w == -math.inf):
+        return 0.0
+    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)).item()
+
+
+def grad_variance(params, loss_of, n):
+    """Var(G) = E‖G(x)‖² − ‖E G(x)‖² (paper eqs. 17-18) over n samples, from per-sample gradients.
+
+    `loss_of(j)` is the loss of sample j alone, whose gradient is G(x_j) up to sign (for DPG,
+    −A(x_j)·log π(x_j)). One backward pass per sample, keeping only the running Σ G and Σ ‖G‖²: the
+    memory of two gradients, whatever n is. Opt-in (`--grad-var-interval`): it costs n backward passes.
+    """
+    params = [p for p in params if p.requires_grad]
+    total, sq = None, 0.0
+    for j in range(n):
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss_of(j), params)]).double()
+        total = g if total is None else total + g
+        sq += (g @ g).item()
+    return sq / n - (total @ total).item() / n ** 2
 
 
 def estimate_Z(log_P, logp_q):
@@ -345,6 +435,18 @@ def sample(model, n, T, bos_id, batch_size=256):
     return torch.cat(all_ids), torch.cat(all_logp)
 
 
+def token_logprobs(model, ids, v_head=None):
+    """log m(y_t | BOS, y_<t) of the T generated tokens of ids (B, T + 1), a (B, T) float32 tensor.
+
+    With a value head (Ziegler's PPO), also V(s_t) (B, T): the head on the last hidden state of the
+    prefix before each token, BOS included (gdc_spec §1.5). Differentiable unless under no_grad.
+    """
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=v_head is not None)
+    log_probs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)           # (B, T, vocab)
+    logp = log_probs.gather(2, ids[:, 1:, None]).squeeze(2)
+    return logp if v_head is None else (logp, v_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1))
+
+
 def sequence_logprob(model, ids, batch_size=256):
     """log m(x) for each row of ids (B, T + 1): the sum of the T generated tokens' log-probs, (B,).
 
@@ -352,24 +454,20 @@ def sequence_logprob(model, ids, batch_size=256):
     Computed in batches of `batch_size` rows so that scoring K·B samples fits in memory.
     Note: a sum, not a mean over tokens: the estimators need log π(x) of the whole sequence.
     """
-    out = []
-    for start in range(0, ids.shape[0], batch_size):
-        chunk = ids[start:start + batch_size]
-        logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits[:, :-1]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)                   # (b, T, vocab)
-        out.append(log_probs.gather(2, chunk[:, 1:, None]).squeeze(2).double().sum(1))    # (b,)
-    return torch.cat(out)
+    return torch.cat([token_logprobs(model, ids[i:i + batch_size]).double().sum(1)
+                      for i in range(0, ids.shape[0], batch_size)])
 
 
-def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64):
+def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64, labels=None):
     """A small GPT-2 with a word-level tokenizer, built in code from a fixed seed: no download.
+    With `labels`, a sequence classifier with those labels instead of an LM (tasks 5-6, offline).
 
     The vocabulary is BOS/EOS/PAD ("<|endoftext|>", id 0), "<unk>" (id 1), then `words` in order.
     The weights are random, so the model is close to uniform over its vocabulary: a stand-in for
     GPT-2 that lets every part of the pipeline run offline, in seconds, on a CPU.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     vocab = {"<|endoftext|>": 0, "<unk>": 1}
     for w in words:
@@ -380,11 +478,12 @@ def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64):
                                         eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                         unk_token="<unk>")
     config = GPT2Config(vocab_size=len(vocab), n_positions=max_len, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                        n_head=n_head, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                        **(dict(id2label=dict(enumerate(labels))) if labels else {}))
     # Seed only the construction, and restore the caller's RNG: building a model is not a side effect.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = (GPT2ForSequenceClassification if labels else GPT2LMHeadModel)(config)
     return model.eval(), tokenizer
 
 
@@ -415,12 +514,14 @@ WORDLISTS = {
 WORDLISTS = {name: tuple(words.split()) for name, words in WORDLISTS.items()}
 FEMALE, MALE = ("she", "her", "hers", "herself"), ("he", "him", "his", "himself")
 
-# task → [(feature, μ̄)], numbered as in the paper §4.2 (tasks 5-6, sentiment, come later).
+# task → [(feature, μ̄)], numbered as in the paper §4.2.
 TASKS = {
     "amazing": [("word:amazing", 1.0)],                                          # task 1
     "wikileaks": [("word:WikiLeaks", 1.0)],                                      # task 2
     "politics": [("list:politics", 1.0)],                                        # task 3
     "science": [("list:science", 1.0)],                                          # task 4
+    "positive": [("sentiment:positive", 1.0)],                                   # task 5
+    "negative": [("sentiment:negative", 1.0)],                                   # task 6
     "female": [("female", 0.5)],                                                 # task 7
     "topics": [(f"list:{t}", 0.25) for t in ("science", "art", "sports", "business")],  # task 8
     "hybrid-sports": [("female", 0.5), ("list:sports", 1.0)],                    # task 9
@@ -446,9 +547,27 @@ def feature(name, text, wordlists=WORDLISTS):
     raise ValueError(f"unknown feature {name!r}: use word:W, list:NAME or female")
 
 
-def phi_matrix(features, texts, wordlists=WORDLISTS):
-    """φ of N texts for k features, an (N, k) float tensor."""
-    return torch.tensor([[feature(f, x, wordlists) for f in features] for x in texts])
+def phi_matrix(features, texts, wordlists=WORDLISTS, classifier=None):
+    """φ of N texts for k features, an (N, k) float tensor; sentiment features need the classifier."""
+    columns = [classify(classifier, texts, f.partition(":")[2]) if f.startswith("sentiment:")
+               else torch.tensor([feature(f, x, wordlists) for x in texts]) for f in features]
+    return torch.stack(columns, dim=1) if columns else torch.zeros(len(texts), 0)
+
+
+@torch.no_grad()
+def classify(classifier, texts, label, batch_size=32):
+    """φ(x) = 1 where the classifier's most likely label for x is `label` (tasks 5-6), as an (N,) tensor.
+
+    The paper used a PPLM sentiment head on GPT-2 medium (gdc_spec §4); any HF sequence classifier with
+    a label named POSITIVE/NEGATIVE (any case, or pos/neg) serves here. Batched on the model's device.
+    """
+    model, tokenizer = classifier
+    names = {name.lower()[:3]: int(i) for i, name in model.config.id2label.items()}
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, return_tensors="pt").to(device)
+        out.append(model(**enc).logits.argmax(-1).cpu() == names[label[:3]])
+    return torch.cat(out).float() if out else torch.zeros(0)
 
 
 def tiny_vocab(extra=(), size=1000):
@@ -478,6 +597,29 @@ def load_lm(name, extra_words=()):
     except (OSError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise BadInput(f"cannot load model {name!r} ({why}); with no network, use --model tiny") from None
+
+
+def load_classifier(name, device):
+    """The sentiment classifier of tasks 5-6: `from_pretrained(name)`, or a random tiny one (plumbing only)."""
+    if name == "tiny":
+        model, tokenizer = build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE"))
+    else:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        try:
+            model, tokenizer = AutoModelForSequenceClassification.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise BadInput(f"cannot load classifier {name!r} ({why}); with no network, use --classifier tiny "
+                           f"or a local path") from None
+    labels = [str(v) for v in model.config.id2label.values()]
+    if not {"pos", "neg"} <= {v.lower()[:3] for v in labels}:
+        raise BadInput(f"classifier {name!r} has labels {labels}, none named positive and negative: "
+                       f"use --classifier with a sentiment model")
+    if tokenizer.pad_token is None:                                 # GPT-2-like classifiers have none
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
 
 
 def task_features(cfg):
@@ -623,8 +765,45 @@ def progress(step, n_steps, t0):
 
 
 # -----------------------------------------------------------------------------
-# Training: Algorithm 1 (KL-adaptive DPG; GDC++ with the baseline, GDC without it)
+# Training: Algorithm 1 (KL-adaptive DPG; GDC++ with the baseline, GDC without it), and the same loop
+# for the paper's reward-maximisation baselines, Reinforce and Ziegler (PPO), which differ from it only
+# in what they sample (π instead of q) and in their update.
 # -----------------------------------------------------------------------------
+
+
+def method_name(cfg):
+    """The paper's name of the method that cfg asks for (§4.3)."""
+    if cfg.method == "dpg":
+        return "GDC++" if cfg.baseline else "GDC"
+    return "Reinforce" + ("-baseline" if cfg.baseline else "") if cfg.method == "reinforce" else "Ziegler"
+
+
+@torch.no_grad()
+def ppo_rollout(pi, v_head, a, ids, R, beta, f):
+    """What PPO holds fixed while it updates on a batch ids ~ π with scores R (gdc_spec §1.5): per-token
+    log π_old and V_old, then the KL-penalised rewards and their GAE advantages and returns (B, T)."""
+    old = [token_logprobs(pi, ids[i:i + f], v_head) for i in range(0, len(ids), f)]
+    logp_old, V_old = torch.cat([lp for lp, _ in old]), torch.cat([V for _, V in old])
+    logp_a = torch.cat([token_logprobs(a, ids[i:i + f]) for i in range(0, len(ids), f)])
+    A, returns = gae(kl_penalty_rewards(logp_old, logp_a, R, beta), V_old)
+    return logp_old, V_old, A, returns, (logp_old - logp_a).sum(1).mean().item()
+
+
+def ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, scheduler):
+    """--ppo-epochs passes over the batch in shuffled minibatches, one Adam step per minibatch.
+    Advantages are whitened per minibatch, as in naver/gdc. Returns each minibatch's ratios π/π_old."""
+    ratios = []
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(len(ids), device=ids.device).split(cfg.ppo_minibatch):
+            logp, V = token_logprobs(pi, ids[mb], v_head)
+            A_mb = (A[mb] - A[mb].mean()) / torch.sqrt(A[mb].var(unbiased=False) + 1e-8)
+            loss, ratio = ppo_loss(logp, logp_old[mb], A_mb, V, V_old[mb], returns[mb])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ratios.append(ratio.detach())
+    return ratios
 
 
 def train(cfg, a, tokenizer, log=None):
@@ -634,6 +813,8 @@ def train(cfg, a, tokenizer, log=None):
         x_1..x_B ~ q;   A(x) = P(x)/q(x) − Ẑ·π(x)/q(x)  (GDC++; GDC drops the second term)
         θ ← θ + α·(1/B)·Σ_i A(x_i)·∇log π_θ(x_i)
         every K steps: Ẑ from fresh samples of q; if D_KL(p‖π) < D_KL(p‖q), q ← π
+    Reinforce and Ziegler sample π instead and never replace q = a; their q-checks only estimate Z and
+    D_KL(p‖π) by importance sampling from a, so every method reports the same metrics.
     """
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = log or say
@@ -644,18 +825,27 @@ def train(cfg, a, tokenizer, log=None):
     samples = cfg.samples or (6_400_000 if hard else 8_400_000)    # gdc_spec §5
     n_steps = cfg.steps or -(-samples // B)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sentiment = any(f.startswith("sentiment:") for f in features)
+    classifier = load_classifier(cfg.classifier, device) if sentiment else None
 
     # The three LMs. All stay in eval mode: dropout would make the π we differentiate differ from the π
     # that sampled and scored x (naver/gdc trained without dropout too, gdc_spec §1.0).
     a = a.to(device).eval().requires_grad_(False)                   # original LM, frozen
     q = copy.deepcopy(a)                                            # proposal, replaced by π now and then
     pi = copy.deepcopy(a).requires_grad_(True)                      # the policy π_θ we train
+    params = list(pi.parameters())
+    if cfg.method == "ziegler":                                     # PPO's value head, from V = 0
+        v_head = torch.nn.Linear(pi.config.hidden_size, 1).to(device)
+        torch.nn.init.zeros_(v_head.weight), torch.nn.init.zeros_(v_head.bias)
+        params += list(v_head.parameters())
+        beta = cfg.kl_beta
 
     def score(ids, lam):
         """log a(x), φ(x) and log P(x) of samples ids (N, T + 1); each computed once per sample."""
         with torch.no_grad():
             logp_a = sequence_logprob(a, ids, f)
-        phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:].tolist()), wordlists).to(device)
+        texts = tokenizer.batch_decode(ids[:, 1:].tolist())
+        phi = phi_matrix(features, texts, wordlists, classifier).to(device)
         return logp_a, phi, log_P_of(logp_a, phi, lam)
 
     # The EBM (paper §4.1). Distributional tasks: fit λ by SNIS on samples of q = a, where w = a/q = 1.
@@ -676,51 +866,61 @@ def train(cfg, a, tokenizer, log=None):
     pi.config.dpg_min = asdict(cfg)                                 # the run's config, in OUT/config.json
     pi.config.save_pretrained(cfg.out)
 
-    optimizer = torch.optim.Adam(pi.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    name = ("GDC++" if cfg.baseline else "GDC") if cfg.method == "dpg" else \
-        f"Reinforce{' with baseline' if cfg.baseline else ''}"
-    log(f"{name} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
+    log(f"{method_name(cfg)} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
         f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
-    Z_hat, rounds, q_updates, q_updated, mean_abs_A = 0.0, 0, 0, False, float("nan")
+    Z_hat, rounds, q_updates, q_updated = 0.0, 0, 0, False
+    mean_abs_A = var_A = var_G = ess_q = math.nan
     t0 = time.time()
     for step in range(n_steps + 1):
         if step > 0:
             # Algorithm 1, lines 3-6. log q(x) comes with each sample; log a(x) and φ(x) are computed
-            # once. We accumulate over chunks of f samples, each chunk's mean loss weighted by its share
-            # of the batch, so the step is exactly the batch-mean gradient for any f (naver/gdc summed
-            # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart). DPG samples the
-            # proposal q; Reinforce samples π itself (on-policy), so there "logp_q" is log π.
+            # once. DPG samples the proposal q; Reinforce and Ziegler sample π itself (on-policy).
             ids, logp_q = sample(q if cfg.method == "dpg" else pi, B, T, bos, B)
             logp_a, phi, log_P = score(ids, lam)
-            if cfg.method == "reinforce":
-                R = (log_P > -math.inf).to(log_P.dtype)             # the reward φ(x) of a pointwise task
-                R = R - R.mean() if cfg.baseline else R             # the RL baseline E R (eq. 12)
-            optimizer.zero_grad()
-            logp_pi = []
-            for i in range(0, B, f):
-                chunk = slice(i, i + f)
-                lp = sequence_logprob(pi, ids[chunk], f)
-                if cfg.method == "dpg":                             # the only method-specific lines
-                    loss = dpg_loss(lp, logp_q[chunk], log_P[chunk], Z_hat, cfg.baseline)
-                else:
-                    loss = reinforce_loss(lp, R[chunk])
-                (loss * (len(lp) / B)).backward()
-                logp_pi.append(lp.detach())
-            optimizer.step()
-            warmup.step()
-            A = R if cfg.method == "reinforce" else dpg_advantage(torch.cat(logp_pi), logp_q, log_P, Z_hat,
-                                                                  cfg.baseline)
-            mean_abs_A = A.abs().mean().item()                      # = 2·Z·TVD(p, π) for GDC++ (eq. 21)
+            R = (log_P > -math.inf).to(log_P.dtype)                 # the RL methods' reward: φ(x), pointwise
+            if cfg.method == "reinforce" and cfg.baseline:
+                R = R - R.mean()                                    # the RL baseline E R (eq. 12)
+            if cfg.method == "ziegler":
+                logp_old, V_old, A, returns, kl = ppo_rollout(pi, v_head, a, ids, R, beta, f)
+            logp_pi = torch.empty(B, dtype=torch.float64, device=device)
+
+            def loss_of(s):
+                """The loss of the samples ids[s]: its gradient is the method's estimate on them."""
+                if cfg.method == "ziegler":                         # PPO's gradient at ρ = 1, unclipped
+                    return -(A[s] * token_logprobs(pi, ids[s])).sum(1).mean()
+                lp = sequence_logprob(pi, ids[s], f)
+                logp_pi[s] = lp.detach()                            # kept for GDC++'s advantage below
+                if cfg.method == "reinforce":
+                    return reinforce_loss(lp, R[s])
+                return dpg_loss(lp, logp_q[s], log_P[s], Z_hat, cfg.baseline)
+
+            if cfg.grad_var_interval and step % cfg.grad_var_interval == 0:     # §4.5, before the update
+                var_G = grad_variance(pi.parameters(), lambda j: loss_of(slice(j, j + 1)),
+                                      min(B, cfg.grad_var_samples))
+            if cfg.method == "ziegler":
+                ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, warmup)
+                beta = adaptive_beta(beta, kl, cfg.kl_target, cfg.kl_horizon, B)
+            else:
+                # Accumulate over chunks of f samples, each chunk's mean loss weighted by its share of
+                # the batch, so the step is exactly the batch-mean gradient for any f (naver/gdc summed
+                # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart).
+                optimizer.zero_grad()
+                for i in range(0, B, f):
+                    (loss_of(slice(i, i + f)) * (min(f, B - i) / B)).backward()
+                optimizer.step()
+                warmup.step()
+                A = R if cfg.method == "reinforce" else dpg_advantage(logp_pi, logp_q, log_P, Z_hat, cfg.baseline)
+            mean_abs_A, var_A = A.abs().mean().item(), A.var(unbiased=False).item()    # eqs. 19-20
         if step % K == 0 or step == n_steps:
             # Algorithm 1, lines 7-10, on K·B fresh samples of q: reusing the training batch would
             # make Ẑ and the KL comparison depend on the very samples π was just fitted to. Ẑ is the
             # equal-weight mean of all rounds' estimates (gdc_spec §1.3), each unbiased (eq. 13).
-            # Step 0 is the first round, so Ẑ exists before the first baseline needs it. Reinforce never
-            # replaces q, so for it these rounds estimate Z and D_KL(p‖π) by importance sampling from a.
+            # Step 0 is the first round, so Ẑ exists before the first baseline needs it.
             ids, logp_q = sample(q, K * B, T, bos, B)
             _, _, log_P = score(ids, lam)
-            Z_round = estimate_Z(log_P, logp_q).item()
+            Z_round, ess_q = estimate_Z(log_P, logp_q).item(), ess(log_P - logp_q) / len(ids)
             Z_hat, rounds = (Z_round + rounds * Z_hat) / (rounds + 1), rounds + 1
             with torch.no_grad():
                 logp_pi = sequence_logprob(pi, ids, f)
@@ -737,18 +937,22 @@ def train(cfg, a, tokenizer, log=None):
             texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer,
                                 cfg.diversity_samples)
             m = dict(step=step, samples=step * B, **m, kl_p_pi=kl_pi, tvd_p_pi=tvd_pi, kl_p_q=kl_q, Z_hat=Z_hat,
-                     mean_abs_A=mean_abs_A, q_updated=q_updated, q_updates=q_updates,
+                     mean_abs_A=mean_abs_A, var_A=var_A, var_G=var_G, ess_P_q=ess_q, q_updated=q_updated,
+                     q_updates=q_updates, beta=beta if cfg.method == "ziegler" else None,
                      seconds=round(time.time() - t0, 1))
             log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
                 f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
                 f"Self-BLEU-5 {m['self_bleu_5']:.3f}  Distinct-1 {m['distinct_1']:.3f}  "
-                f"Ẑ {Z_hat:.3g}  mean|A| {mean_abs_A:.3g}  q updates {q_updates}  {m['seconds']:.0f}s")
+                f"Ẑ {Z_hat:.3g}  mean|A| {mean_abs_A:.3g}  Var(A) {var_A:.3g}"
+                + (f"  Var(G) {var_G:.3g}" if cfg.grad_var_interval else "")
+                + (f"  q updates {q_updates}" if cfg.method == "dpg" else "")
+                + (f"  β {beta:.3g}" if cfg.method == "ziegler" else "") + f"  {m['seconds']:.0f}s")
             for text in texts[:3]:
                 log(f"    {text[:120]!r}")
+            # JSON has no inf or NaN (a KL estimate while Ẑ = 0, mean|A| before step 1): write null.
+            m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
-                # JSON has no inf or NaN (a KL estimate while Ẑ = 0, mean|A| before step 1): write null.
-                file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                       for k, v in m.items()}) + "\n")
+                file.write(json.dumps(m) + "\n")
             q_updated = False
         progress(step, n_steps, t0)
     pi.save_pretrained(cfg.out)
@@ -778,13 +982,16 @@ def parse_config(argv=None):
     cfg = Config(**{**(TINY if given.get("model") == "tiny" else {}), **given})
 
     for name in ("batch_size", "forward_batch_size", "seq_len", "q_update_interval", "eval_interval",
-                 "eval_samples", "lambda_samples", "diversity_samples", "samples", "steps"):
+                 "eval_samples", "lambda_samples", "diversity_samples", "samples", "steps", "ppo_epochs",
+                 "ppo_minibatch", "kl_horizon", "grad_var_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise BadInput(f"--lr must be positive, got {cfg.lr}")
-    if cfg.method not in ("dpg", "reinforce"):
-        raise BadInput(f"--method {cfg.method!r}: use dpg or reinforce (ziegler is not implemented yet)")
+    if cfg.method not in ("dpg", "reinforce", "ziegler"):
+        raise BadInput(f"--method {cfg.method!r}: use dpg, reinforce or ziegler")
+    if cfg.grad_var_interval < 0 or not (cfg.kl_beta > 0 and cfg.kl_target > 0):
+        raise BadInput("--grad-var-interval must be ≥ 0, and --kl-beta and --kl-target positive")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     _, mu_bar, _ = task_features(cfg)                               # checks task, moments and word list
@@ -793,7 +1000,7 @@ def parse_config(argv=None):
                        f"express the distributional constraint μ̄ = {mu_bar} (paper §4); use --method dpg")
     if not cfg.out:
         name = "custom" if cfg.word or cfg.wordlist else cfg.task
-        cfg.out = os.path.join("runs", f"{name}-{'gdc++' if cfg.baseline else 'gdc'}-"
+        cfg.out = os.path.join("runs", f"{name}-{method_name(cfg).lower()}-"
                                        f"{os.path.basename(cfg.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(cfg.out) and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)):
         raise BadInput(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one")

@@ -54,7 +54,8 @@ def test_tasks_have_the_paper_targets():
     for features in dm.TASKS.values():
         for name, mu in features:
             assert 0 < mu <= 1
-            dm.feature(name, "text")              # every feature is known
+            if not name.startswith("sentiment:"):      # those need a classifier (tests/test_methods.py)
+                dm.feature(name, "text")              # every other feature is known
 
 
 def test_unknown_feature_is_an_error():
