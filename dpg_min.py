@@ -586,17 +586,23 @@ def tiny_vocab(extra=(), size=1000):
     return words + filler[:max(0, size - len(words))]
 
 
+def from_pretrained(auto_class, name, flag):
+    """A model (of transformers' `auto_class`) and tokenizer by HF name or path, or one line of BadInput."""
+    import transformers
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter: one line if it fails
+    try:
+        return (getattr(transformers, auto_class).from_pretrained(name).eval(),
+                transformers.AutoTokenizer.from_pretrained(name))
+    except (OSError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"cannot load {flag} {name!r} ({why}); with no network, use {flag} tiny") from None
+
+
 def load_lm(name, extra_words=()):
     """The original LM a and its tokenizer: `from_pretrained(name)`, or the offline tiny model."""
     if name == "tiny":
         return build_tiny(tiny_vocab(extra_words))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter: one line if it fails
-    try:
-        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise BadInput(f"cannot load model {name!r} ({why}); with no network, use --model tiny") from None
+    return from_pretrained("AutoModelForCausalLM", name, "--model")
 
 
 def load_classifier(name, device):
@@ -604,14 +610,7 @@ def load_classifier(name, device):
     if name == "tiny":
         model, tokenizer = build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE"))
     else:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-        try:
-            model, tokenizer = AutoModelForSequenceClassification.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise BadInput(f"cannot load classifier {name!r} ({why}); with no network, use --classifier tiny "
-                           f"or a local path") from None
+        model, tokenizer = from_pretrained("AutoModelForSequenceClassification", name, "--classifier")
     labels = [str(v) for v in model.config.id2label.values()]
     if not {"pos", "neg"} <= {v.lower()[:3] for v in labels}:
         raise BadInput(f"classifier {name!r} has labels {labels}, none named positive and negative: "
@@ -619,7 +618,7 @@ def load_classifier(name, device):
     if tokenizer.pad_token is None:                                 # GPT-2-like classifiers have none
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    return model.to(device), tokenizer
 
 
 def task_features(cfg):
