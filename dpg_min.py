@@ -63,7 +63,7 @@ class Config:
     wordlist: str = arg("", "custom constraint: a file of words, one per line, one must occur; replaces --task")
     moments: str = arg("", "target moments μ̄, comma-separated, one per feature (default: the task's)")
     # method
-    classifier: str = arg("distilbert-base-uncased-finetuned-sst-2-english",
+    classifier: str = arg("distilbert/distilbert-base-uncased-finetuned-sst-2-english",
                           "tasks positive and negative: an HF text classifier (name or path) with labels named "
                           "POSITIVE/NEGATIVE, or tiny (random, built in code: for plumbing only)")
     method: str = arg("dpg", "dpg: KL-adaptive DPG (Algorithm 1); reinforce: REINFORCE with R = φ (eq. 1); "
