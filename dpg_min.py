@@ -13,21 +13,10 @@ trains a policy π_θ to minimise D_KL(p‖π_θ) with Distributional Policy Gra
 the baseline Z·π_θ(x)/q(x) from DPG's importance weight P(x)/q(x), which adds no bias (Facts 1, 2)
 and centres the advantage around zero (paper Fig. 2).
 
-Map from the paper to this file:
-    eq. 1      REINFORCE gradient            reinforce_loss
-    eq. 2      KL-control reward R^z_θ       kl_control_reward
-    eqs. 3-5   DPG gradient ∝ ∇D_KL(p‖π)     dpg_loss (baseline=False)
-    Alg. 1 l.5 GDC++ advantage P/q − Z·π/q   dpg_advantage, dpg_loss (baseline=True)
-    Alg. 1     KL-adaptive DPG, q ← π        train
-    eq. 13     Z = E_π[P/π] = Σ_x P(x)       estimate_Z
-    eq. 16     P = a·exp(λ·φ), fitting λ     log_P_of, fit_lambdas
-    eq. 21     E_q|A| = 2·Z·TVD(p, π)        tvd_p_m
-    §4.2       tasks                         TASKS, feature
-    §4.2       metrics on samples of π       evaluate (kl_p_m, kl_reverse)
-
-Every function in "Math" is a pure function of per-sequence tensors of shape (B,): log-probabilities
-summed over the generated tokens of each of B sequences. `toy_exact.py` imports these very functions
-and checks them against exact sums over small sequence spaces, so what trains is what is verified.
+The file reads like the paper: Config, the math (pure functions of log-prob tensors), LM plumbing,
+tasks, evaluation, one training loop (Algorithm 1, and the comparison methods Reinforce and Ziegler),
+the command line. `toy_exact.py` imports the math and checks it against exact sums over small sequence
+spaces, so what trains is what is verified. README.md maps each equation of the paper to its function.
 """
 
 import argparse
