@@ -225,7 +225,8 @@ def ppo_loss(logp, logp_old, A, V, V_old, returns, clip=0.2, vf_coef=0.1):
         ρ_t = π(y_t|·)/π_old(y_t|·),   L^π = E_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 ± ε)),
         L^V = ½·E_t max((V_t − G_t)², (V_old,t + clip(V_t − V_old,t, ±ε) − G_t)²),   loss = L^π + c·L^V.
 
-    The clip keeps each update near the policy that sampled the batch. Returns (loss, ρ).
+    G_t are the value targets (`returns`, from `gae`). The clips keep each update near the policy that
+    sampled the batch. Returns (loss, ρ).
     """
     ratio = torch.exp(logp - logp_old.detach())
     A = A.detach()
