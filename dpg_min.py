@@ -101,6 +101,10 @@ class BadInput(Exception):
     """A user error: `main` prints it as one line and exits with status 2."""
 
 
+class NotFinite(Exception):
+    """Training met a NaN or ±inf before an update (`check_finite`): `main` prints it and exits with 1."""
+
+
 # -----------------------------------------------------------------------------
 # Math: losses and estimators
 #
@@ -778,7 +782,27 @@ def ppo_rollout(pi, v_head, a, ids, R, beta, f):
     return logp_old, V_old, A, returns, (logp_old - logp_a).sum(1).mean().item()
 
 
-def ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, scheduler):
+def check_finite(step, **quantities):
+    """Stop before an update that would carry a NaN or ±inf into π, naming the step and the quantity.
+
+    Importance weights are exp of float64 log-ratios: a weight below e^−745 becomes exactly 0 (its
+    correct limit), but one above e^709 (log P/q > 709 nats) becomes +inf, and so do the loss and the
+    gradients it weighs. Adam would turn that into NaN weights for good, so we stop instead.
+    """
+    for name, x in quantities.items():
+        x = torch.as_tensor(x)
+        if not torch.isfinite(x).all():
+            kind = "NaN" if torch.isnan(x).any() else "infinite"
+            raise NotFinite(f"step {step}: {name} is {kind}, so π was not updated with it; lower --lr or "
+                            f"check the task (a log P/q beyond 709 nats overflows float64)")
+
+
+def grad_norm(params):
+    """‖∇‖ over all parameters, in float64: NaN or inf if any gradient entry is."""
+    return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+
+
+def ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, scheduler, step=0):
     """--ppo-epochs passes over the batch in shuffled minibatches, one Adam step per minibatch.
     Advantages are whitened per minibatch, as in naver/gdc. Returns each minibatch's ratios π/π_old."""
     ratios = []
@@ -789,6 +813,7 @@ def ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, sch
             loss, ratio = ppo_loss(logp, logp_old[mb], A_mb, V, V_old[mb], returns[mb])
             optimizer.zero_grad()
             loss.backward()
+            check_finite(step, **{"PPO loss": loss, "gradient norm": grad_norm(optimizer.param_groups[0]["params"])})
             optimizer.step()
             scheduler.step()
             ratios.append(ratio.detach())
@@ -889,18 +914,23 @@ def train(cfg, a, tokenizer, log=None):
                 var_G = grad_variance(pi.parameters(), lambda j: loss_of(slice(j, j + 1)),
                                       min(B, cfg.grad_var_samples))
             if cfg.method == "ziegler":
-                ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, warmup)
+                check_finite(step, **{"advantage A (GAE)": A})
+                ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, warmup, step)
                 beta = adaptive_beta(beta, kl, cfg.kl_target, cfg.kl_horizon, B)
             else:
                 # Accumulate over chunks of f samples, each chunk's mean loss weighted by its share of
                 # the batch, so the step is exactly the batch-mean gradient for any f (naver/gdc summed
                 # the chunk means, gdc_spec §1.0, which only Adam's eps tells apart).
                 optimizer.zero_grad()
+                loss = 0.0
                 for i in range(0, B, f):
-                    (loss_of(slice(i, i + f)) * (min(f, B - i) / B)).backward()
+                    chunk_loss = loss_of(slice(i, i + f)) * (min(f, B - i) / B)
+                    chunk_loss.backward()
+                    loss += chunk_loss.detach()
+                A = R if cfg.method == "reinforce" else dpg_advantage(logp_pi, logp_q, log_P, Z_hat, cfg.baseline)
+                check_finite(step, **{"advantage A": A, "loss": loss, "gradient norm": grad_norm(params)})
                 optimizer.step()
                 warmup.step()
-                A = R if cfg.method == "reinforce" else dpg_advantage(logp_pi, logp_q, log_P, Z_hat, cfg.baseline)
             mean_abs_A, var_A = A.abs().mean().item(), A.var(unbiased=False).item()    # eqs. 19-20
         if step % K == 0 or step == n_steps:
             # Algorithm 1, lines 7-10, on K·B fresh samples of q: reusing the training batch would
@@ -1009,6 +1039,9 @@ def main(argv=None):
     except BadInput as e:
         print(f"dpg_min.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NotFinite as e:
+        print(f"dpg_min.py: stopped: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
