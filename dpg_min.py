@@ -1023,6 +1023,11 @@ def parse_config(argv=None):
                                        f"{os.path.basename(cfg.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(cfg.out) and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)):
         raise BadInput(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one")
+    base = os.path.abspath(cfg.out)                                 # the folder that OUT will be made in
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not (os.path.isdir(base) and os.access(base, os.W_OK)):
+        raise BadInput(f"--out {cfg.out!r} cannot be created: {base!r} is not a writable directory")
     return cfg
 
 

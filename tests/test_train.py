@@ -222,6 +222,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "run").exists()                  # nothing written
 
 
+def test_an_output_directory_that_cannot_be_created_is_bad_input(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder\n")
+    with pytest.raises(SystemExit) as exit_info:
+        dm.main(["--model", "tiny", "--out", str(tmp_path / "a_file" / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "is not a writable directory" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "a_file").read_text() == "not a folder\n"
+
+
 def test_an_existing_output_directory_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
