@@ -25,11 +25,14 @@ import json
 import logging
 import math
 import os
+import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
@@ -87,7 +90,12 @@ class Config:
                                     "one backward pass per sample); 0: never")
     grad_var_samples: int = arg(64, "samples of the batch for Var(G) (gdc_spec §3: minibatches of 64)")
     seed: int = arg(12, "random seed (gdc_spec §5)")
-    out: str = arg("", "output directory, must be new or empty (default: runs/TASK-METHOD-MODEL-TIME)")
+    out: str = arg("", "output directory, must be new or empty (default: a new runs/TASK-METHOD-MODEL-DATE-TIME)")
+    save_interval: int = arg(100, "write a checkpoint OUT/checkpoint-STEP every this many steps and at the end; "
+                                  "only the latest is kept")
+    resume: str = arg("", "continue the run in this folder from its last checkpoint; only --steps, --samples, "
+                          "--lr, --device and --save-interval may differ from the run's own flags")
+    overwrite: bool = arg(False, "replace the earlier run in a non-empty --out")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
 
 
@@ -820,6 +828,77 @@ def ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, sch
     return ratios
 
 
+# The loop's running state besides the models, optimizer and RNGs: everything a checkpoint must hold for
+# a resumed run to log the very same metrics as one never interrupted.
+LOOP_STATE = ("Z_hat", "rounds", "q_updates", "q_updated", "lam", "beta", "mean_abs_A", "var_A", "var_G", "ess_q",
+              "kl_pi", "kl_q", "tvd_pi", "m")
+
+
+def checkpoints(out):
+    """The steps of the complete checkpoints in OUT, in order (a `.tmp` folder is an unfinished one)."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted(int(m.group(1)) for m in (re.fullmatch(r"checkpoint-(\d+)", n) for n in names) if m)
+
+
+def save_checkpoint(out, step, pi, q, state):
+    """Write OUT/checkpoint-STEP (π and q by save_pretrained, the rest in state.pt), then drop older ones.
+
+    It is written to a `.tmp` folder and renamed into place when complete. A rename is atomic, so a run
+    killed while saving leaves the previous checkpoint whole, and --resume never sees half a checkpoint.
+    """
+    path = os.path.join(out, f"checkpoint-{step}")
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    pi.save_pretrained(os.path.join(path + ".tmp", "pi"))
+    q.save_pretrained(os.path.join(path + ".tmp", "q"))
+    torch.save(state, os.path.join(path + ".tmp", "state.pt"))
+    os.rename(path + ".tmp", path)
+    for old in checkpoints(out)[:-1]:
+        shutil.rmtree(os.path.join(out, f"checkpoint-{old}"))
+
+
+def load_checkpoint(out, pi, q):
+    """Load the last checkpoint of OUT into π and q; return its state (step, optimizer, RNGs, LOOP_STATE)."""
+    path = os.path.join(out, f"checkpoint-{checkpoints(out)[-1]}")
+    for model, name in ((pi, "pi"), (q, "q")):
+        saved = type(model).from_pretrained(os.path.join(path, name))
+        model.load_state_dict(saved.state_dict())
+    # weights_only=False: state.pt holds Python and NumPy RNG states, and we wrote it ourselves.
+    return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+
+
+def rng_states():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(s):
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def truncate_metrics(out, step):
+    """Keep the lines of OUT/metrics.jsonl up to `step`: a killed run may have logged later steps (or half
+    a line) after its last checkpoint, and the resumed run logs them again. Replaced atomically, too."""
+    path, keep = os.path.join(out, "metrics.jsonl"), []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except ValueError:                                      # a half-written last line
+                break
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def n_steps_of(cfg, mu_bar):
+    """Gradient steps of the run: --steps, or --samples / B (gdc_spec §5: 6.4M samples pointwise, else 8.4M)."""
+    samples = cfg.samples or (6_400_000 if all(m == 1 for m in mu_bar) else 8_400_000)
+    return cfg.steps or -(-samples // cfg.batch_size)
+
+
 def train(cfg, a, tokenizer, log=None):
     """Fine-tune π from a to approximate p ∝ P on the task of `cfg`; write everything to cfg.out.
 
@@ -830,14 +909,14 @@ def train(cfg, a, tokenizer, log=None):
     Reinforce and Ziegler sample π instead and never replace q = a; their q-checks only estimate Z and
     D_KL(p‖π) by importance sampling from a, so every method reports the same metrics.
     """
+    import transformers
+    transformers.utils.logging.disable_progress_bar()              # ours, not one bar per checkpoint saved
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = log or say
     torch.manual_seed(cfg.seed)
     features, mu_bar, wordlists = task_features(cfg)
     B, f, T, K = cfg.batch_size, cfg.forward_batch_size, cfg.seq_len, cfg.q_update_interval
-    hard = all(m == 1 for m in mu_bar)
-    samples = cfg.samples or (6_400_000 if hard else 8_400_000)    # gdc_spec §5
-    n_steps = cfg.steps or -(-samples // B)
+    n_steps = n_steps_of(cfg, mu_bar)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sentiment = any(f.startswith("sentiment:") for f in features)
     classifier = load_classifier(cfg.classifier, device) if sentiment else None
@@ -847,7 +926,7 @@ def train(cfg, a, tokenizer, log=None):
     a = a.to(device).eval().requires_grad_(False)                   # original LM, frozen
     q = copy.deepcopy(a)                                            # proposal, replaced by π now and then
     pi = copy.deepcopy(a).requires_grad_(True)                      # the policy π_θ we train
-    params = list(pi.parameters())
+    params, v_head, beta = list(pi.parameters()), None, None
     if cfg.method == "ziegler":                                     # PPO's value head, from V = 0
         v_head = torch.nn.Linear(pi.config.hidden_size, 1).to(device)
         torch.nn.init.zeros_(v_head.weight), torch.nn.init.zeros_(v_head.bias)
@@ -863,8 +942,9 @@ def train(cfg, a, tokenizer, log=None):
         return logp_a, phi, log_P_of(logp_a, phi, lam)
 
     # The EBM (paper §4.1). Distributional tasks: fit λ by SNIS on samples of q = a, where w = a/q = 1.
-    lam = None
-    if not hard:
+    # A resumed run takes λ, π and q from its checkpoint instead.
+    lam, state = None, load_checkpoint(cfg.out, pi, q) if cfg.resume else None
+    if state is None and any(m != 1 for m in mu_bar):
         ids, _ = sample(a, cfg.lambda_samples, T, bos, B)
         _, phi, _ = score(ids, None)
         try:
@@ -876,7 +956,9 @@ def train(cfg, a, tokenizer, log=None):
             f"({cfg.lambda_samples} samples of a)")
         if torch.linalg.vector_norm(mu_hat - torch.tensor(mu_bar, device=device).double()) >= cfg.lambda_tol:
             log(f"warning: λ did not reach the targets within --lambda-tol {cfg.lambda_tol}; training goes on")
-    os.makedirs(cfg.out, exist_ok=True)                             # only now: bad input writes nothing
+    if cfg.overwrite:                                               # only now: bad input writes nothing
+        shutil.rmtree(cfg.out, ignore_errors=True)
+    os.makedirs(cfg.out, exist_ok=True)
     pi.config.dpg_min = asdict(cfg)                                 # the run's config, in OUT/config.json
     pi.config.save_pretrained(cfg.out)
 
@@ -885,9 +967,23 @@ def train(cfg, a, tokenizer, log=None):
     log(f"{method_name(cfg)} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
         f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
     Z_hat, rounds, q_updates, q_updated = 0.0, 0, 0, False
-    mean_abs_A = var_A = var_G = ess_q = math.nan
-    t0 = time.time()
-    for step in range(n_steps + 1):
+    mean_abs_A = var_A = var_G = ess_q = kl_pi = kl_q = tvd_pi = math.nan
+    m, start, t0 = None, 0, time.time()
+    if state is not None:                                           # --resume: where the checkpoint left off
+        optimizer.load_state_dict(state["optimizer"])
+        warmup.load_state_dict(state["scheduler"])
+        for g in optimizer.param_groups:                            # --lr may differ from the run's
+            g["initial_lr"], g["lr"] = cfg.lr, cfg.lr * warmup.lr_lambdas[0](warmup.last_epoch)
+        warmup.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        if v_head is not None:
+            v_head.load_state_dict(state["v_head"])
+        (Z_hat, rounds, q_updates, q_updated, lam, beta, mean_abs_A, var_A, var_G, ess_q,
+         kl_pi, kl_q, tvd_pi, m) = (state[k] for k in LOOP_STATE)
+        set_rng_states(state["rng"])
+        start, t0 = state["step"] + 1, time.time() - state["seconds"]
+        truncate_metrics(cfg.out, state["step"])
+        log(f"resumed from {cfg.out}/checkpoint-{state['step']}")
+    for step in range(start, n_steps + 1):
         if step > 0:
             # Algorithm 1, lines 3-6. log q(x) comes with each sample; log a(x) and φ(x) are computed
             # once. DPG samples the proposal q; Reinforce and Ziegler sample π itself (on-policy).
@@ -940,6 +1036,7 @@ def train(cfg, a, tokenizer, log=None):
             ids, logp_q = sample(q, K * B, T, bos, B)
             _, _, log_P = score(ids, lam)
             Z_round, ess_q = estimate_Z(log_P, logp_q).item(), ess(log_P - logp_q) / len(ids)
+            check_finite(step, **{"Ẑ of this round": Z_round})    # never let an inf Ẑ into a checkpoint
             Z_hat, rounds = (Z_round + rounds * Z_hat) / (rounds + 1), rounds + 1
             with torch.no_grad():
                 logp_pi = sequence_logprob(pi, ids, f)
@@ -957,7 +1054,7 @@ def train(cfg, a, tokenizer, log=None):
                                 cfg.diversity_samples)
             m = dict(step=step, samples=step * B, **m, kl_p_pi=kl_pi, tvd_p_pi=tvd_pi, kl_p_q=kl_q, Z_hat=Z_hat,
                      mean_abs_A=mean_abs_A, var_A=var_A, var_G=var_G, ess_P_q=ess_q, q_updated=q_updated,
-                     q_updates=q_updates, beta=beta if cfg.method == "ziegler" else None,
+                     q_updates=q_updates, beta=beta,
                      seconds=round(time.time() - t0, 1))
             log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
                 f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
@@ -973,6 +1070,13 @@ def train(cfg, a, tokenizer, log=None):
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
                 file.write(json.dumps(m) + "\n")
             q_updated = False
+        if step % cfg.save_interval == 0 or step == n_steps:
+            loop_state = (Z_hat, rounds, q_updates, q_updated, lam, beta, mean_abs_A, var_A, var_G, ess_q,
+                          kl_pi, kl_q, tvd_pi, m)
+            save_checkpoint(cfg.out, step, pi, q, dict(
+                zip(LOOP_STATE, loop_state), step=step, seconds=time.time() - t0, rng=rng_states(),
+                optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
+                v_head=v_head.state_dict() if v_head is not None else None))
         progress(step, n_steps, t0)
     pi.save_pretrained(cfg.out)
     tokenizer.save_pretrained(cfg.out)
@@ -998,37 +1102,90 @@ def parse_config(argv=None):
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
                             help=f.metadata["help"] + (f" [default: {f.default}{tiny}]" if f.default else ""))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if given.get("resume"):
+        return resume_config(given)
     cfg = Config(**{**(TINY if given.get("model") == "tiny" else {}), **given})
-
-    for name in ("batch_size", "forward_batch_size", "seq_len", "q_update_interval", "eval_interval",
-                 "eval_samples", "lambda_samples", "diversity_samples", "samples", "steps", "ppo_epochs",
-                 "ppo_minibatch", "kl_horizon", "grad_var_samples"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise BadInput(f"--lr must be positive, got {cfg.lr}")
-    if cfg.method not in ("dpg", "reinforce", "ziegler"):
-        raise BadInput(f"--method {cfg.method!r}: use dpg, reinforce or ziegler")
-    if cfg.grad_var_interval < 0 or not (cfg.kl_beta > 0 and cfg.kl_target > 0):
-        raise BadInput("--grad-var-interval must be ≥ 0, and --kl-beta and --kl-target positive")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
-    _, mu_bar, _ = task_features(cfg)                               # checks task, moments and word list
-    if cfg.method != "dpg" and any(m != 1 for m in mu_bar):
-        raise BadInput(f"--method {cfg.method} needs a pointwise task (every moment 1): a reward cannot "
-                       f"express the distributional constraint μ̄ = {mu_bar} (paper §4); use --method dpg")
-    if not cfg.out:
+    check_config(cfg)
+    if not cfg.out:                                                 # a new folder for every run
         name = "custom" if cfg.word or cfg.wordlist else cfg.task
-        cfg.out = os.path.join("runs", f"{name}-{method_name(cfg).lower()}-"
-                                       f"{os.path.basename(cfg.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}")
+        stem = os.path.join("runs", f"{name}-{method_name(cfg).lower()}-"
+                                    f"{os.path.basename(cfg.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.out, i = stem, 1
+        while os.path.exists(cfg.out):                              # two runs started in the same second
+            cfg.out, i = f"{stem}-{i + 1}", i + 1
     if os.path.exists(cfg.out) and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)):
-        raise BadInput(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one")
+        if not cfg.overwrite:
+            raise BadInput(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one, "
+                           f"or add --resume {cfg.out} to continue its run, or --overwrite to replace it")
+        if not os.path.isfile(os.path.join(cfg.out, "config.json")):
+            raise BadInput(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
+                           f"alone; choose another --out")
     base = os.path.abspath(cfg.out)                                 # the folder that OUT will be made in
     while not os.path.exists(base):
         base = os.path.dirname(base)
     if not (os.path.isdir(base) and os.access(base, os.W_OK)):
         raise BadInput(f"--out {cfg.out!r} cannot be created: {base!r} is not a writable directory")
     return cfg
+
+
+# Flags that --resume lets differ from the run's own: they change neither the run's past nor its meaning.
+RESUMABLE = ("steps", "samples", "lr", "device", "save_interval", "resume")
+
+
+def resume_config(given):
+    """The Config of the run in --resume OUT: its saved flags, with those of RESUMABLE that are given."""
+    out = given["resume"]
+    if given.get("overwrite"):
+        raise BadInput("--resume and --overwrite: choose one")
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)["dpg_min"]
+    except (OSError, ValueError, KeyError):
+        raise BadInput(f"--resume {out!r}: no dpg_min run there (no config.json); start one with --out") from None
+    if not checkpoints(out):
+        raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start it again with --overwrite")
+    names = {f.name for f in fields(Config)}
+    saved = {k: v for k, v in saved.items() if k in names} | dict(out=out, resume=out, overwrite=False)
+    if "out" in given and os.path.abspath(given["out"]) == os.path.abspath(out):
+        given.pop("out")
+    clash = [k for k, v in given.items() if k not in RESUMABLE and v != saved.get(k)]
+    if clash:
+        k = clash[0]
+        raise BadInput(f"--resume {out!r}: --{k.replace('_', '-')} {given[k]} contradicts the run's "
+                       f"{saved.get(k)!r}; drop it (only --{', --'.join(RESUMABLE[:-1]).replace('_', '-')} "
+                       f"may change), or start a new run")
+    cfg = Config(**saved | {k: given[k] for k in RESUMABLE if k in given})
+    check_config(cfg)
+    step, n_steps = checkpoints(out)[-1], n_steps_of(cfg, task_features(cfg)[1])
+    if step >= n_steps:
+        raise BadInput(f"--resume {out!r}: the run has finished its {step} steps; "
+                       f"give --steps above {step} to train it further")
+    return cfg
+
+
+def check_config(cfg):
+    """BadInput unless every flag of cfg makes sense, alone and together."""
+    for name in ("batch_size", "forward_batch_size", "seq_len", "q_update_interval", "eval_interval",
+                 "eval_samples", "lambda_samples", "diversity_samples", "samples", "steps", "ppo_epochs",
+                 "ppo_minibatch", "kl_horizon", "grad_var_samples", "save_interval"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("lr", "kl_beta", "kl_target", "lambda_tol"):
+        if not getattr(cfg, name) > 0:                              # `not >` also refuses NaN
+            raise BadInput(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.grad_var_interval < 0:
+        raise BadInput(f"--grad-var-interval must be 0 (never) or positive, got {cfg.grad_var_interval}")
+    if cfg.method not in ("dpg", "reinforce", "ziegler"):
+        raise BadInput(f"--method {cfg.method!r}: use dpg, reinforce or ziegler")
+    if cfg.method == "ziegler" and cfg.batch_size % cfg.ppo_minibatch:
+        raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --ppo-minibatch {cfg.ppo_minibatch}: "
+                       f"PPO's minibatches must be equal (a short last one whitens too few advantages)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    _, mu_bar, _ = task_features(cfg)                               # checks task, moments and word list
+    if cfg.method != "dpg" and any(m != 1 for m in mu_bar):
+        raise BadInput(f"--method {cfg.method} needs a pointwise task (every moment 1): a reward cannot "
+                       f"express the distributional constraint μ̄ = {mu_bar} (paper §4); use --method dpg")
 
 
 def main(argv=None):
@@ -1045,6 +1202,9 @@ def main(argv=None):
         print(f"dpg_min.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except NotFinite as e:
+        last = checkpoints(cfg.out)
+        if last:
+            e = f"{e}. Its last good checkpoint is {cfg.out}/checkpoint-{last[-1]}: go on with --resume {cfg.out}"
         print(f"dpg_min.py: stopped: {e}", file=sys.stderr)
         sys.exit(1)
 

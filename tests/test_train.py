@@ -193,33 +193,67 @@ def test_every_config_field_has_a_flag_and_tiny_presets_yield_to_flags(tmp_path)
         assert task in help_text
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+# Every bad input of issue 5, and more. EMPTY stands for an empty file, NOCKPT for a run with no checkpoint.
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "unknown task 'nope'"),
+    (["--method", "ppo"], "use dpg, reinforce or ziegler"),
+    (["--model", "/no/such/model"], "use --model tiny"),
     (["--moments", "1.5"], "must lie in [0, 1]"),
+    (["--moments", "-0.1"], "must lie in [0, 1]"),
     (["--moments", "0.5,0.5"], "one per feature"),
     (["--moments", "half"], "numbers separated by commas"),
     (["--wordlist", "/no/such/file.txt"], "cannot read --wordlist"),
+    (["--wordlist", "EMPTY", "--moments", "0.5"], "found no words"),
+    (["--word", "two words"], "one word"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--batch-size", "-5"], "--batch-size must be a positive integer"),
+    (["--batch-size", "many"], "invalid int value"),
+    (["--method", "ziegler", "--batch-size", "100"], "not divisible by --ppo-minibatch 32"),
+    (["--forward-batch-size", "0"], "--forward-batch-size must be a positive integer"),
+    (["--samples", "0"], "--samples must be a positive integer"),
     (["--samples", "-1"], "--samples must be a positive integer"),
     (["--steps", "0"], "--steps must be a positive integer"),
-    (["--batch-size", "many"], "invalid int value"),
-    (["--word", "two words"], "one word"),
-    (["--method", "ppo"], "use dpg, reinforce or ziegler"),
-    (["--method", "ziegler", "--task", "topics"], "needs a pointwise task"),
-    (["--model", "tiny", "--task", "positive", "--classifier", "/no/such/clf"], "use --classifier tiny"),
-    (["--kl-target", "0"], "--kl-target positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr=-1e-5"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--seq-len", "0"], "--seq-len must be a positive integer"),
+    (["--model", "tiny", "--seq-len", "500"], "too long"),
+    (["--kl-beta", "0"], "--kl-beta must be positive"),
+    (["--kl-target", "-6"], "--kl-target must be positive"),
     (["--ppo-minibatch", "0"], "--ppo-minibatch must be a positive integer"),
+    (["--save-interval", "0"], "--save-interval must be a positive integer"),
+    (["--grad-var-interval", "-1"], "--grad-var-interval must be 0 (never) or positive"),
+    pytest.param(["--device", "cuda"], "CUDA is not available here", marks=NO_CUDA),
     (["--method", "reinforce", "--task", "female"], "needs a pointwise task"),
     (["--method", "reinforce", "--moments", "0.5"], "needs a pointwise task"),
-    (["--model", "/no/such/model"], "use --model tiny"),
-    (["--model", "tiny", "--seq-len", "500"], "too long"),
+    (["--method", "ziegler", "--task", "topics"], "needs a pointwise task"),
+    (["--model", "tiny", "--task", "positive", "--classifier", "/no/such/clf"], "use --classifier tiny"),
+    (["--resume", "/no/such/run"], "no dpg_min run there"),
+    (["--resume", "NOCKPT"], "has no checkpoint yet"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+@pytest.mark.parametrize("where", ["new", "--overwrite"])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys, args, message, where):
+    """Each bad input: one line, exit 2, no traceback; a new OUT is not created, and an earlier run in OUT
+    is left byte for byte even with --overwrite (which deletes only once training really starts)."""
+    (tmp_path / "empty.txt").write_text("# no words, only a comment\n")
+    (tmp_path / "nockpt").mkdir()
+    (tmp_path / "nockpt" / "config.json").write_text('{"dpg_min": {"model": "tiny"}}')
+    args = [{"EMPTY": str(tmp_path / "empty.txt"), "NOCKPT": str(tmp_path / "nockpt")}.get(a, a) for a in args]
+    out = tmp_path / "run"
+    if where == "--overwrite" and "--resume" not in args:
+        out.mkdir()
+        (out / "config.json").write_text('{"dpg_min": {}}')
+        (out / "metrics.jsonl").write_text("precious\n")
+        args = args + ["--overwrite"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
-        dm.main(args + ["--out", str(tmp_path / "run")])
+        dm.main(args + (["--out", str(out)] if "--resume" not in args else []))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "run").exists()                  # nothing written
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_an_output_directory_that_cannot_be_created_is_bad_input(tmp_path, capsys):
