@@ -301,6 +301,17 @@ def test_a_feature_that_never_fires_stops_before_writing(tmp_path):
     assert not os.path.exists(cfg.out)
 
 
+def test_target_moments_out_of_reach_are_reported_and_training_goes_on(tmp_path, monkeypatch):
+    """When λ's fit ends ‖μ̄ − μ̂‖ ≥ --lambda-tol (say, μ̄ outside what the samples of a can reach), the run
+    says so in one line and trains on with the closest λ found."""
+    fit = dm.fit_lambdas
+    monkeypatch.setattr(dm, "fit_lambdas", lambda *args: (lambda lam, mu: (lam, mu - 0.3))(*fit(*args)))
+    lines = []
+    run(small_config(tmp_path, task="female", steps=1), log=lines.append)
+    assert "warning: λ did not reach the targets within --lambda-tol 0.01; training goes on" in lines
+    assert lines[-1].startswith("saved π to")
+
+
 def test_the_command_line_runs_end_to_end(tmp_path):
     """`python dpg_min.py ... --model tiny` with a custom word: exit 0, metrics, config and model saved."""
     out = tmp_path / "run"
