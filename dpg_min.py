@@ -109,6 +109,11 @@ class BadInput(Exception):
     """A user error: `main` prints it as one line and exits with status 2."""
 
 
+def refuse(message):
+    """argparse's `error`, replaced: one line and exit 2 (through `main`), not the usage text."""
+    raise BadInput(message)
+
+
 class NotFinite(Exception):
     """Training met a NaN or ±inf before an update (`check_finite`): `main` prints it and exits with 1."""
 
@@ -830,7 +835,7 @@ def ppo_update(pi, v_head, ids, logp_old, V_old, A, returns, cfg, optimizer, sch
 
 # The loop's running state besides the models, optimizer and RNGs: everything a checkpoint must hold for
 # a resumed run to log the very same metrics as one never interrupted.
-LOOP_STATE = ("Z_hat", "rounds", "q_updates", "q_updated", "lam", "beta", "mean_abs_A", "var_A", "var_G", "ess_q",
+LOOP_STATE = ("Z_hat", "rounds", "q_updates", "q_updated", "lam", "beta", "batch", "var_G", "ess_q",
               "kl_pi", "kl_q", "tvd_pi", "m")
 
 
@@ -967,7 +972,8 @@ def train(cfg, a, tokenizer, log=None):
     log(f"{method_name(cfg)} on {', '.join(features)} (μ̄ = {fmt(mu_bar)}), {cfg.model}, "
         f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
     Z_hat, rounds, q_updates, q_updated = 0.0, 0, 0, False
-    mean_abs_A = var_A = var_G = ess_q = kl_pi = kl_q = tvd_pi = math.nan
+    var_G = ess_q = kl_pi = kl_q = tvd_pi = math.nan
+    batch = dict(mean_A=math.nan, mean_abs_A=math.nan, var_A=math.nan, mean_P_q=None, mean_Zpi_q=None)
     m, start, t0 = None, 0, time.time()
     if state is not None:                                           # --resume: where the checkpoint left off
         optimizer.load_state_dict(state["optimizer"])
@@ -977,7 +983,7 @@ def train(cfg, a, tokenizer, log=None):
         warmup.base_lrs = [cfg.lr] * len(optimizer.param_groups)
         if v_head is not None:
             v_head.load_state_dict(state["v_head"])
-        (Z_hat, rounds, q_updates, q_updated, lam, beta, mean_abs_A, var_A, var_G, ess_q,
+        (Z_hat, rounds, q_updates, q_updated, lam, beta, batch, var_G, ess_q,
          kl_pi, kl_q, tvd_pi, m) = (state[k] for k in LOOP_STATE)
         set_rng_states(state["rng"])
         start, t0 = state["step"] + 1, time.time() - state["seconds"]
@@ -1027,7 +1033,11 @@ def train(cfg, a, tokenizer, log=None):
                 check_finite(step, **{"advantage A": A, "loss": loss, "gradient norm": grad_norm(params)})
                 optimizer.step()
                 warmup.step()
-            mean_abs_A, var_A = A.abs().mean().item(), A.var(unbiased=False).item()    # eqs. 19-20
+            batch = dict(mean_A=A.mean().item(), mean_abs_A=A.abs().mean().item(),   # eqs. 19-20
+                         var_A=A.var(unbiased=False).item(), mean_P_q=None, mean_Zpi_q=None)
+            if cfg.method == "dpg":                                 # Fig. 2: A's two parts, P/q and Ẑ·π/q
+                batch.update(mean_P_q=torch.exp(log_P - logp_q).mean().item(),
+                             mean_Zpi_q=Z_hat * torch.exp(logp_pi - logp_q).mean().item())
         if step % K == 0 or step == n_steps:
             # Algorithm 1, lines 7-10, on K·B fresh samples of q: reusing the training batch would
             # make Ẑ and the KL comparison depend on the very samples π was just fitted to. Ẑ is the
@@ -1053,13 +1063,13 @@ def train(cfg, a, tokenizer, log=None):
             texts, m = evaluate(pi, lambda ids: score(ids, lam), cfg.eval_samples, T, bos, Z_hat, B, tokenizer,
                                 cfg.diversity_samples)
             m = dict(step=step, samples=step * B, **m, kl_p_pi=kl_pi, tvd_p_pi=tvd_pi, kl_p_q=kl_q, Z_hat=Z_hat,
-                     mean_abs_A=mean_abs_A, var_A=var_A, var_G=var_G, ess_P_q=ess_q, q_updated=q_updated,
+                     **batch, var_G=var_G, ess_P_q=ess_q, q_updated=q_updated,
                      q_updates=q_updates, beta=beta,
                      seconds=round(time.time() - t0, 1))
             log(f"step {step:>{len(str(n_steps))}}/{n_steps}  E_π φ {fmt(m['E_pi_phi'])}  "
                 f"KL(p‖π) {m['kl_p_pi']:.3f}  KL(π‖a) {m['kl_pi_a']:.3f}  TVD(p,π) {m['tvd_p_pi']:.3f}  "
                 f"Self-BLEU-5 {m['self_bleu_5']:.3f}  Distinct-1 {m['distinct_1']:.3f}  "
-                f"Ẑ {Z_hat:.3g}  mean|A| {mean_abs_A:.3g}  Var(A) {var_A:.3g}"
+                f"Ẑ {Z_hat:.3g}  mean|A| {batch['mean_abs_A']:.3g}  Var(A) {batch['var_A']:.3g}"
                 + (f"  Var(G) {var_G:.3g}" if cfg.grad_var_interval else "")
                 + (f"  q updates {q_updates}" if cfg.method == "dpg" else "")
                 + (f"  β {beta:.3g}" if cfg.method == "ziegler" else "") + f"  {m['seconds']:.0f}s")
@@ -1071,7 +1081,7 @@ def train(cfg, a, tokenizer, log=None):
                 file.write(json.dumps(m) + "\n")
             q_updated = False
         if step % cfg.save_interval == 0 or step == n_steps:
-            loop_state = (Z_hat, rounds, q_updates, q_updated, lam, beta, mean_abs_A, var_A, var_G, ess_q,
+            loop_state = (Z_hat, rounds, q_updates, q_updated, lam, beta, batch, var_G, ess_q,
                           kl_pi, kl_q, tvd_pi, m)
             save_checkpoint(cfg.out, step, pi, q, dict(
                 zip(LOOP_STATE, loop_state), step=step, seconds=time.time() - t0, rng=rng_states(),
@@ -1085,6 +1095,104 @@ def train(cfg, a, tokenizer, log=None):
 
 
 # -----------------------------------------------------------------------------
+# Plots: `python dpg_min.py plot RUN_DIR ... --out FILE.png` draws the paper's figures from the logs
+# -----------------------------------------------------------------------------
+
+# (metrics.jsonl key, panel title), in the order of the paper's Figs. 3, 5 and 2.
+PANELS = [("E_pi_phi", "E_π φ"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"), ("self_bleu_5", "Self-BLEU-5"),
+          ("distinct_1", "Distinct-1"), ("tvd_p_pi", "TVD(p, π)"), ("mean_abs_A", "E|A|"), ("var_A", "Var(A)"),
+          ("var_G", "Var(G)"), ("mean_P_q", "reward P/q"), ("mean_Zpi_q", "Ẑ·π/q"), ("mean_A", "advantage A")]
+
+
+def read_run(path):
+    """(label, Config, metrics rows) of the run in folder `path`."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)["dpg_min"]
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    except (OSError, ValueError, KeyError):
+        raise BadInput(f"{path!r} holds no dpg_min run (config.json and metrics.jsonl)") from None
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+    return f"{method_name(cfg)} B={cfg.batch_size}", cfg, rows
+
+
+def first(value):
+    """The first feature's value of a metric that may be per feature (E_π φ), or the value itself."""
+    return value[0] if isinstance(value, list) else value
+
+
+def summary(label, rows, reach):
+    """The table row of a run: its last metrics, when it first reached E_π φ ≥ reach, and the means of
+    the variance diagnostics over its logged steps (where they are defined)."""
+    last = rows[-1]
+    hit = next((r["samples"] for r in rows if first(r["E_pi_phi"]) >= reach), None)
+
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return f"{sum(values) / len(values):.3g}" if values else "-"
+    return (f"| {label} | {last['samples']} | {fmt(last['E_pi_phi'])} | {last['kl_p_pi'] or math.inf:.3g} | "
+            f"{last['kl_pi_a']:.3g} | {last['tvd_p_pi'] or math.inf:.3g} | {last['self_bleu_5']:.3f} | "
+            f"{last['distinct_1']:.3f} | {hit if hit is not None else 'never'} | {mean('mean_abs_A')} | "
+            f"{mean('var_A')} | {mean('var_G')} |")
+
+
+def plot(argv):
+    """`dpg_min.py plot RUN_DIR ...`: one panel per metric, one line per run, against training samples;
+    and a Markdown table of the runs on stdout."""
+    parser = argparse.ArgumentParser(prog="dpg_min.py plot", description=plot.__doc__.split(";")[0])
+    parser.error = refuse
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of dpg_min.py runs")
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="the figure to write (PNG, PDF, SVG)")
+    parser.add_argument("--metrics", default=",".join(k for k, _ in PANELS[:9]),
+                        help=f"comma-separated keys of metrics.jsonl, one panel each, of: {', '.join(k for k, _ in PANELS)}")
+    parser.add_argument("--reach", type=float, default=0.5, help="the table reports the samples each run "
+                        "took to reach E_π φ ≥ this (paper Fig. 4: 0.5)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    args = parser.parse_args(argv)
+    runs = [read_run(path) for path in args.runs]
+    if os.path.exists(args.out) and not args.overwrite:
+        raise BadInput(f"--out {args.out!r} already exists; choose a new file, or add --overwrite")
+    titles = dict(PANELS)
+    keys = [k for k in args.metrics.split(",") if any(r.get(k) is not None for _, _, rows in runs for r in rows)]
+    if not keys:
+        raise BadInput(f"--metrics {args.metrics!r}: none of these is logged by the runs; choose from {', '.join(titles)}")
+    for what in ("task", "seed"):                                   # say what tells the runs apart
+        if len({getattr(c, what) for _, c, _ in runs}) > 1:
+            runs = [(f"{label} {what} {getattr(c, what)}", c, rows) for label, c, rows in runs]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                                       # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadInput("plot needs matplotlib, which is optional: pip install matplotlib") from None
+
+    print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to E_π φ ≥ "
+          f"{args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
+    for label, _, rows in runs:
+        print(summary(label, rows, args.reach))
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(keys) // cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, _, rows in runs:
+            points = [(r["samples"], r[key]) for r in rows if r.get(key) is not None]
+            for i in range(len(points[0][1]) if points and isinstance(points[0][1], list) else 1):
+                ax.plot([x for x, _ in points], [v[i] if isinstance(v, list) else v for _, v in points],
+                        label=label + (f" φ{i + 1}" if isinstance(points[0][1], list) and len(points[0][1]) > 1 else ""))
+        ax.set_title(titles.get(key, key)), ax.set_xlabel("training samples")
+        if key.startswith("var_"):
+            ax.set_yscale("log")                                    # variances span decades
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out, dpi=72)
+    print(f"wrote {args.out}")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -1092,10 +1200,7 @@ def train(cfg, a, tokenizer, log=None):
 def parse_config(argv=None):
     """Config from command-line flags: one flag per field; `--model tiny` applies TINY to unset flags."""
     parser = argparse.ArgumentParser(prog="dpg_min.py", description=__doc__.split("\n\n")[0])
-
-    def error(message):                                             # one line and exit 2, not usage
-        raise BadInput(message)
-    parser.error = error
+    parser.error = refuse
     for f in fields(Config):
         tiny = f", tiny: {TINY[f.name]}" if f.name in TINY else ""
         kind = dict(action="store_true") if f.type is bool else dict(type=f.type, metavar=f.name.upper())
@@ -1189,7 +1294,10 @@ def check_config(cfg):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["plot"]:
+            return plot(argv[1:])
         cfg = parse_config(argv)
         features, _, wordlists = task_features(cfg)
         words = [f[5:] for f in features if f.startswith("word:")] + [w for ws in wordlists.values() for w in ws]
