@@ -1144,8 +1144,8 @@ def plot(argv):
     parser.error = refuse
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of dpg_min.py runs")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="the figure to write (PNG, PDF, SVG)")
-    parser.add_argument("--metrics", default=",".join(k for k, _ in PANELS[:9]),
-                        help=f"comma-separated keys of metrics.jsonl, one panel each, of: {', '.join(k for k, _ in PANELS)}")
+    parser.add_argument("--metrics", default=",".join(k for k, _ in PANELS[:9]), help="comma-separated keys "
+                        f"of metrics.jsonl, one panel each, of: {', '.join(k for k, _ in PANELS)}")
     parser.add_argument("--reach", type=float, default=0.5, help="the table reports the samples each run "
                         "took to reach E_π φ ≥ this (paper Fig. 4: 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -1156,7 +1156,8 @@ def plot(argv):
     titles = dict(PANELS)
     keys = [k for k in args.metrics.split(",") if any(r.get(k) is not None for _, _, rows in runs for r in rows)]
     if not keys:
-        raise BadInput(f"--metrics {args.metrics!r}: none of these is logged by the runs; choose from {', '.join(titles)}")
+        raise BadInput(f"--metrics {args.metrics!r}: none of these is logged by the runs; "
+                       f"choose from {', '.join(titles)}")
     for what in ("task", "seed"):                                   # say what tells the runs apart
         if len({getattr(c, what) for _, c, _ in runs}) > 1:
             runs = [(f"{label} {what} {getattr(c, what)}", c, rows) for label, c, rows in runs]
@@ -1167,8 +1168,8 @@ def plot(argv):
     except ImportError:
         raise BadInput("plot needs matplotlib, which is optional: pip install matplotlib") from None
 
-    print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to E_π φ ≥ "
-          f"{args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
+    print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to "
+          f"E_π φ ≥ {args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
     for label, _, rows in runs:
         print(summary(label, rows, args.reach))
     cols = min(3, len(keys))
@@ -1177,9 +1178,10 @@ def plot(argv):
     for ax, key in zip(axes.flat, keys):
         for label, _, rows in runs:
             points = [(r["samples"], r[key]) for r in rows if r.get(key) is not None]
-            for i in range(len(points[0][1]) if points and isinstance(points[0][1], list) else 1):
-                ax.plot([x for x, _ in points], [v[i] if isinstance(v, list) else v for _, v in points],
-                        label=label + (f" φ{i + 1}" if isinstance(points[0][1], list) and len(points[0][1]) > 1 else ""))
+            per_feature = [v if isinstance(v, list) else [v] for _, v in points]       # E_π φ: one per feature
+            for i in range(len(per_feature[0]) if points else 0):
+                ax.plot([x for x, _ in points], [v[i] for v in per_feature],
+                        label=label + (f" φ{i + 1}" if len(per_feature[0]) > 1 else ""))
         ax.set_title(titles.get(key, key)), ax.set_xlabel("training samples")
         if key.startswith("var_"):
             ax.set_yscale("log")                                    # variances span decades
