@@ -95,7 +95,7 @@ def test_gdc_without_baseline_runs_and_differs_from_gdcpp(tmp_path):
     assert torch.isfinite(w1).all() and torch.isfinite(w2).all() and not torch.equal(w1, w2)
 
 
-@pytest.mark.parametrize("baseline", [False, True])
+@pytest.mark.parametrize("baseline", [False])     # with the baseline: test_methods, in fewer steps (time)
 def test_reinforce_on_tiny_raises_E_phi_and_keeps_q_at_a(tmp_path, baseline):
     """REINFORCE (R = φ, optionally minus the batch mean) on `amazing`: E_π φ rises; q is never replaced,
     so its rounds estimate D_KL(p‖π) by importance sampling from a."""
