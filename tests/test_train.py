@@ -95,12 +95,12 @@ def test_gdc_without_baseline_runs_and_differs_from_gdcpp(tmp_path):
     assert torch.isfinite(w1).all() and torch.isfinite(w2).all() and not torch.equal(w1, w2)
 
 
-@pytest.mark.parametrize("baseline", [False])     # with the baseline: test_methods, in fewer steps (time)
+@pytest.mark.parametrize("baseline", [False, True])
 def test_reinforce_on_tiny_raises_E_phi_and_keeps_q_at_a(tmp_path, baseline):
     """REINFORCE (R = φ, optionally minus the batch mean) on `amazing`: E_π φ rises; q is never replaced,
     so its rounds estimate D_KL(p‖π) by importance sampling from a."""
-    cfg = small_config(tmp_path, method="reinforce", baseline=baseline, batch_size=128, forward_batch_size=64,
-                       steps=30, eval_interval=30, eval_samples=256, q_update_interval=10)
+    cfg = small_config(tmp_path, method="reinforce", baseline=baseline, batch_size=128, forward_batch_size=128,
+                       steps=20, eval_interval=20, eval_samples=256, q_update_interval=5)
     lines = []
     run(cfg, log=lines.append)
     first, final = read_metrics(cfg.out)
