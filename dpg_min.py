@@ -898,6 +898,16 @@ def truncate_metrics(out, step):
     os.replace(path + ".tmp", path)
 
 
+def saved_flags(out):
+    """The Config fields of the run in folder OUT, from OUT/config.json; None if it holds no dpg_min run."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)["dpg_min"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+
+
 def n_steps_of(cfg, mu_bar):
     """Gradient steps of the run: --steps, or --samples / B (gdc_spec §5: 6.4M samples pointwise, else 8.4M)."""
     samples = cfg.samples or (6_400_000 if all(m == 1 for m in mu_bar) else 8_400_000)
@@ -1107,13 +1117,14 @@ PANELS = [("E_pi_phi", "E_π φ"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π
 def read_run(path):
     """(label, Config, metrics rows) of the run in folder `path`."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            saved = json.load(f)["dpg_min"]
+        saved = saved_flags(path)
         with open(os.path.join(path, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-    except (OSError, ValueError, KeyError):
-        raise BadInput(f"{path!r} holds no dpg_min run (config.json and metrics.jsonl)") from None
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+    except (OSError, ValueError):
+        saved = None
+    if saved is None:
+        raise BadInput(f"{path!r} holds no dpg_min run (config.json and metrics.jsonl)")
+    cfg = Config(**saved)
     return f"{method_name(cfg)} B={cfg.batch_size}", cfg, rows
 
 
@@ -1224,7 +1235,7 @@ def parse_config(argv=None):
         if not cfg.overwrite:
             raise BadInput(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one, "
                            f"or add --resume {cfg.out} to continue its run, or --overwrite to replace it")
-        if not os.path.isfile(os.path.join(cfg.out, "config.json")):
+        if saved_flags(cfg.out) is None:
             raise BadInput(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
                            f"alone; choose another --out")
     base = os.path.abspath(cfg.out)                                 # the folder that OUT will be made in
@@ -1244,15 +1255,12 @@ def resume_config(given):
     out = given["resume"]
     if given.get("overwrite"):
         raise BadInput("--resume and --overwrite: choose one")
-    try:
-        with open(os.path.join(out, "config.json")) as f:
-            saved = json.load(f)["dpg_min"]
-    except (OSError, ValueError, KeyError):
-        raise BadInput(f"--resume {out!r}: no dpg_min run there (no config.json); start one with --out") from None
+    saved = saved_flags(out)
+    if saved is None:
+        raise BadInput(f"--resume {out!r}: no dpg_min run there (no config.json); start one with --out")
     if not checkpoints(out):
         raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start it again with --overwrite")
-    names = {f.name for f in fields(Config)}
-    saved = {k: v for k, v in saved.items() if k in names} | dict(out=out, resume=out, overwrite=False)
+    saved |= dict(out=out, resume=out, overwrite=False)
     if "out" in given and os.path.abspath(given["out"]) == os.path.abspath(out):
         given.pop("out")
     clash = [k for k, v in given.items() if k not in RESUMABLE and v != saved.get(k)]
