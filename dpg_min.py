@@ -1165,13 +1165,18 @@ def plot(argv):
     if os.path.exists(args.out) and not args.overwrite:
         raise BadInput(f"--out {args.out!r} already exists; choose a new file, or add --overwrite")
     titles = dict(PANELS)
-    keys = [k for k in args.metrics.split(",") if any(r.get(k) is not None for _, _, rows in runs for r in rows)]
+    keys = [k for k in args.metrics.split(",") if any(r.get(k) is not None for *_, rows in runs for r in rows)]
     if not keys:
         raise BadInput(f"--metrics {args.metrics!r}: none of these is logged by the runs; "
                        f"choose from {', '.join(titles)}")
-    for what in ("task", "seed"):                                   # say what tells the runs apart
-        if len({getattr(c, what) for _, c, _ in runs}) > 1:
-            runs = [(f"{label} {what} {getattr(c, what)}", c, rows) for label, c, rows in runs]
+    if len({c.task for _, c, _ in runs}) > 1:                      # say what tells the runs apart
+        runs = [(f"{label} {c.task}", c, rows) for label, c, rows in runs]
+    # One colour per method (and task); the seeds of a method share it, with their own line style.
+    colour = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _, _ in runs))}
+    seeds = list(dict.fromkeys(c.seed for _, c, _ in runs))
+    style = {seed: ["-", "--", ":", "-."][i % 4] for i, seed in enumerate(seeds)}
+    runs = [(label + (f" seed {c.seed}" if len(seeds) > 1 else ""), c, rows, colour[label], style[c.seed])
+            for label, c, rows in runs]
     try:
         import matplotlib
         matplotlib.use("Agg")                                       # files only, no display needed
@@ -1179,20 +1184,18 @@ def plot(argv):
     except ImportError:
         raise BadInput("plot needs matplotlib, which is optional: pip install matplotlib") from None
 
-    print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to "
-          f"E_π φ ≥ {args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
-    for label, _, rows in runs:
-        print(summary(label, rows, args.reach))
     cols = min(3, len(keys))
     fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(keys) // cols)),
                              squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for label, _, rows in runs:
+        for label, _, rows, c, ls in runs:
             points = [(r["samples"], r[key]) for r in rows if r.get(key) is not None]
             per_feature = [v if isinstance(v, list) else [v] for _, v in points]       # E_π φ: one per feature
             for i in range(len(per_feature[0]) if points else 0):
-                ax.plot([x for x, _ in points], [v[i] for v in per_feature],
-                        label=label + (f" φ{i + 1}" if len(per_feature[0]) > 1 else ""))
+                many = len(per_feature[0]) > 1                          # then a line style per feature
+                ax.plot([x for x, _ in points], [v[i] for v in per_feature], color=c,
+                        linestyle=["-", "--", ":", "-."][i % 4] if many else ls,
+                        label=label + (f" φ{i + 1}" if many else ""))
         ax.set_title(titles.get(key, key)), ax.set_xlabel("training samples")
         if key.startswith("var_"):
             ax.set_yscale("log")                                    # variances span decades
@@ -1202,6 +1205,11 @@ def plot(argv):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=72)
+    # The table last, so that a reader closing the pipe early (`| head`) cannot stop the figure.
+    print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to "
+          f"E_π φ ≥ {args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
+    for label, _, rows, _, _ in runs:
+        print(summary(label, rows, args.reach))
     print(f"wrote {args.out}")
 
 
@@ -1325,6 +1333,8 @@ def main(argv=None):
             e = f"{e}. Its last good checkpoint is {cfg.out}/checkpoint-{last[-1]}: go on with --resume {cfg.out}"
         print(f"dpg_min.py: stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:                                         # `... | head` stopped reading: fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
 
 
 if __name__ == "__main__":

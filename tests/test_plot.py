@@ -1,6 +1,7 @@
 """Issue 6: the plot command and the exact variance trajectory of toy_exact.py."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +33,26 @@ def test_plot_writes_a_figure_and_a_table_of_the_runs(two_runs, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:                # never overwritten by accident
         dm.main(["plot", *two_runs, "--out", str(out)])
     assert exit_info.value.code == 2 and "add --overwrite" in capsys.readouterr().err
+
+
+def test_seeds_are_told_apart_and_a_closed_pipe_is_no_error(two_runs, tmp_path, capsys):
+    """Fig. 5 plots several seeds of each method: the table names the seed. `plot ... | head` may stop
+    reading early: the figure is still written, and nothing is printed on stderr."""
+    other = tmp_path / "seed13"                                 # the GDC++ run, relabelled as seed 13
+    shutil.copytree(two_runs[1], other)
+    config = json.loads((other / "config.json").read_text())
+    config["dpg_min"]["seed"] = 13
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "fig.png"
+    p = subprocess.Popen([sys.executable, "dpg_min.py", "plot", *two_runs, str(other), "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                                            # as `head` does once it has its lines
+    err = p.stderr.read()
+    assert p.wait() == 0 and err == "" and out.stat().st_size > 10_000
+    dm.main(["plot", *two_runs, str(other), "--out", str(out), "--overwrite"])
+    table = capsys.readouterr().out.splitlines()
+    assert [row.split(" | ")[0] for row in table[2:5]] == ["| GDC B=64 seed 12", "| GDC++ B=64 seed 12",
+                                                           "| GDC++ B=64 seed 13"]
 
 
 def test_the_fig_2_quantities_make_up_the_advantage(two_runs):
