@@ -1333,8 +1333,9 @@ def main(argv=None):
             e = f"{e}. Its last good checkpoint is {cfg.out}/checkpoint-{last[-1]}: go on with --resume {cfg.out}"
         print(f"dpg_min.py: stopped: {e}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:                                         # `... | head` stopped reading: fine
+    except BrokenPipeError:                                         # `... | head` stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        sys.exit(0 if argv[:1] == ["plot"] else 1)                 # plot's figure is already written
 
 
 if __name__ == "__main__":

@@ -111,3 +111,18 @@ def test_toy_exact_trajectory_prints_a_summary_and_draws_it(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Var(G) is lower with the baseline" in result.stdout and (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_a_closed_pipe_during_training_is_exit_1_without_a_traceback(monkeypatch, capfd):
+    """Unlike plot's, a run cut off by its reader has not finished: it must not look like a success."""
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError
+    monkeypatch.setattr(dm, "train", reader_gone)
+    saved = os.dup(1)                                           # main points fd 1 at /dev/null: undo that
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            dm.main(["--model", "tiny", "--task", "amazing", "--out", "unused"])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert exit_info.value.code == 1 and capfd.readouterr().err == ""
