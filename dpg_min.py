@@ -872,12 +872,15 @@ def load_checkpoint(out, pi, q):
 
 
 def rng_states():
+    """Every RNG a run draws from (Python, NumPy, torch CPU, each CUDA device), for the checkpoint."""
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_states(s):
-    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -1112,6 +1115,7 @@ def train(cfg, a, tokenizer, log=None):
 PANELS = [("E_pi_phi", "E_π φ"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"), ("self_bleu_5", "Self-BLEU-5"),
           ("distinct_1", "Distinct-1"), ("tvd_p_pi", "TVD(p, π)"), ("mean_abs_A", "E|A|"), ("var_A", "Var(A)"),
           ("var_G", "Var(G)"), ("mean_P_q", "reward P/q"), ("mean_Zpi_q", "Ẑ·π/q"), ("mean_A", "advantage A")]
+STYLES = ["-", "--", ":", "-."]                                     # line styles: seeds, or features of E_π φ
 
 
 def read_run(path):
@@ -1165,18 +1169,18 @@ def plot(argv):
     if os.path.exists(args.out) and not args.overwrite:
         raise BadInput(f"--out {args.out!r} already exists; choose a new file, or add --overwrite")
     titles = dict(PANELS)
-    keys = [k for k in args.metrics.split(",") if any(r.get(k) is not None for *_, rows in runs for r in rows)]
+    keys = [k for k in args.metrics.split(",") if any(r.get(k) is not None for _, _, rows in runs for r in rows)]
     if not keys:
         raise BadInput(f"--metrics {args.metrics!r}: none of these is logged by the runs; "
                        f"choose from {', '.join(titles)}")
-    if len({c.task for _, c, _ in runs}) > 1:                      # say what tells the runs apart
-        runs = [(f"{label} {c.task}", c, rows) for label, c, rows in runs]
-    # One colour per method (and task); the seeds of a method share it, with their own line style.
-    colour = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _, _ in runs))}
-    seeds = list(dict.fromkeys(c.seed for _, c, _ in runs))
-    style = {seed: ["-", "--", ":", "-."][i % 4] for i, seed in enumerate(seeds)}
-    runs = [(label + (f" seed {c.seed}" if len(seeds) > 1 else ""), c, rows, colour[label], style[c.seed])
-            for label, c, rows in runs]
+    # One line per run: one colour per method (and task, if they differ), one line style per seed.
+    tasks, seeds = {c.task for _, c, _ in runs}, list(dict.fromkeys(c.seed for _, c, _ in runs))
+    colours, lines = {}, []                                         # lines: (label, rows, colour, style)
+    for label, c, rows in runs:
+        label += f" {c.task}" if len(tasks) > 1 else ""
+        colour = colours.setdefault(label, f"C{len(colours)}")
+        lines.append((label + (f" seed {c.seed}" if len(seeds) > 1 else ""), rows, colour,
+                      STYLES[seeds.index(c.seed) % len(STYLES)]))
     try:
         import matplotlib
         matplotlib.use("Agg")                                       # files only, no display needed
@@ -1188,13 +1192,13 @@ def plot(argv):
     fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(keys) // cols)),
                              squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for label, _, rows, c, ls in runs:
+        for label, rows, colour, style in lines:
             points = [(r["samples"], r[key]) for r in rows if r.get(key) is not None]
             per_feature = [v if isinstance(v, list) else [v] for _, v in points]       # E_π φ: one per feature
             for i in range(len(per_feature[0]) if points else 0):
                 many = len(per_feature[0]) > 1                          # then a line style per feature
-                ax.plot([x for x, _ in points], [v[i] for v in per_feature], color=c,
-                        linestyle=["-", "--", ":", "-."][i % 4] if many else ls,
+                ax.plot([x for x, _ in points], [v[i] for v in per_feature], color=colour,
+                        linestyle=STYLES[i % len(STYLES)] if many else style,
                         label=label + (f" φ{i + 1}" if many else ""))
         ax.set_title(titles.get(key, key)), ax.set_xlabel("training samples")
         if key.startswith("var_"):
@@ -1208,7 +1212,7 @@ def plot(argv):
     # The table last, so that a reader closing the pipe early (`| head`) cannot stop the figure.
     print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to "
           f"E_π φ ≥ {args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
-    for label, _, rows, _, _ in runs:
+    for label, rows, *_ in lines:
         print(summary(label, rows, args.reach))
     print(f"wrote {args.out}")
 

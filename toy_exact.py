@@ -544,9 +544,10 @@ def main():
     parser.add_argument("--seeds", type=int, default=2, help="random instances per space and family")
     parser.add_argument("--trajectory", action="store_true",
                         help="instead: train π with the exact DPG gradient and print the exact variances (§4.5)")
-    parser.add_argument("--plot", metavar="FILE.png", help="with --trajectory: also draw it (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the trajectory too (implies --trajectory; "
+                        "needs matplotlib)")
     args = parser.parse_args()
-    if args.trajectory:
+    if args.trajectory or args.plot:
         rows = trajectory()
         print(summarise(rows))
         if args.plot:
