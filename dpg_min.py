@@ -361,12 +361,14 @@ def self_bleu(texts, ns=(3, 4, 5)):
     return [sum(column) / len(scores) for column in zip(*scores)] if len(tokens) > 1 else [math.nan] * len(ns)
 
 @torch.no_grad()
-def evaluate(pi, score, n, T, bos, f, tokenizer, n_diverse):
-    """(texts, metrics): E_π φ, D_KL(π‖a) on n samples of π; Distinct-n, Self-BLEU-n on n_diverse of them."""
+def evaluate(pi, score, n, T, bos, f, tokenizer, n_diverse, Z):
+    """(texts, metrics) on n samples of π; D_KL(p‖π) on them is blind to what π has lost (the q-check's is not)."""
     ids, logp_pi = sample(pi, n, T, bos, f)
-    logp_a, phi, _ = score(ids)
+    logp_a, phi, log_P = score(ids)
     texts = tokenizer.batch_decode(ids[:, 1:].tolist())
     return texts, dict(E_pi_phi=phi.mean(0).tolist(), kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
+                       kl_p_pi_on_pi=kl_p_m(log_P, logp_pi, logp_pi, Z).item(),
+                       tvd_p_pi_on_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z).item(),
                        **{f"distinct_{k}": distinct_n(texts[:n_diverse], k) for k in (1, 2, 3)},
                        **dict(zip(("self_bleu_3", "self_bleu_4", "self_bleu_5"), self_bleu(texts[:n_diverse]))))
 
@@ -445,9 +447,9 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:].tolist()), wordlists, classify).to(device)
         return logp_a, phi, log_P_of(logp_a, phi, mu_bar, lam)
     soft, nan = [m for m in mu_bar if m not in (0, 1)], math.nan
-    s = dict(step=-1, seconds=0.0, lam=torch.zeros(len(soft), dtype=torch.float64, device=device), Z_hat=0.0,
-             rounds=0, q_updates=0, q_updated=False, beta=cfg.kl_beta if v_head else None, var_G=nan, m=None,
-             kl_p_pi=nan, kl_p_q=nan, tvd_p_pi=nan, ess_q=nan, batch=dict(mean_A=nan, mean_abs_A=nan, var_A=nan))
+    s = dict(step=-1, seconds=0.0, lam=torch.zeros(len(soft), dtype=torch.float64, device=device), Z_hat=0.0, rounds=0,
+             q_updates=0, q_updated=False, beta=cfg.kl_beta if v_head else None, m=None, **dict.fromkeys(("var_G",
+             "kl_p_pi", "kl_p_q", "tvd_p_pi", "ess_q"), nan), batch=batch_stats(torch.full((2,), nan), *[None] * 4, 0))
     if soft and ckpt is None:        # λ by SNIS on samples of a = q, inside the hard constraints (weight 0 outside)
         _, phi, log_P = score(sample(a, cfg.lambda_samples, T, bos, f)[0], s["lam"])
         try:
@@ -517,7 +519,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         s["step"], s["seconds"] = step, time.time() - t0
         if step % cfg.eval_interval == 0 or step == n_steps:
             s["m"] = log_metrics(cfg, s, *evaluate(pi, lambda x: score(x, s["lam"]), cfg.eval_samples, T, bos, f,
-                                                   tokenizer, cfg.diversity_samples), n_steps, metrics, log)
+                                                   tokenizer, cfg.diversity_samples, s["Z_hat"]), n_steps, metrics, log)
         if step % cfg.save_interval == 0 or step == n_steps:
             # one file, whole or not at all: written under a temporary name, then renamed (atomic)
             torch.save(dict(pi=pi.state_dict(), q=q.state_dict(), s=s, v_head=v_head and v_head.state_dict(),
