@@ -142,13 +142,12 @@ def estimate_Z(log_P, logp_q):
     return torch.exp(torch.logsumexp(log_P - logp_q, dim=0) - math.log(len(log_P)))
 
 def kl_p_m(log_P, logp_q, logp_m, Z):
-    """D_KL(p‖m) ≈ (1/N) Σ_i (p(x_i)/q(x_i))·(log p(x_i) − log m(x_i)), p = P/Ẑ, x_i ~ q  (§4.2, metric 2).
-    P = 0 adds 0, Z = 0 gives +inf. How it differs from GDC's when Ẑ is a running mean: README, deviation 1."""
+    """D_KL(p‖m) ≈ −log Ẑ + (1/N) Σ_i (P(x_i)/(Ẑ·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q  (§4.2, metric 2), the
+    form of GDC gdc/base_trainer.py L84-242 (why: README, deviation 1). P = 0 adds 0; Z = 0 gives +inf."""
     log_Z = log_P.new_tensor(float(Z)).log()                           # −inf when Z = 0
-    log_p = torch.where(log_P == -math.inf, log_P, log_P - log_Z)      # stays −inf when Z = 0, not NaN
-    weight = torch.exp(log_p - logp_q - math.log(len(log_p)))           # p/(N·q)
-    terms = torch.where(log_p == -math.inf, torch.zeros_like(weight), weight * (log_p - logp_m))
-    return torch.where(log_Z > -math.inf, terms.sum(), math.inf)
+    weight = torch.exp(log_P - log_Z - logp_q - math.log(len(log_P)))   # P/(Ẑ·N·q)
+    terms = torch.where(log_P == -math.inf, torch.zeros_like(weight), weight * (log_P - logp_m))
+    return torch.where(log_Z > -math.inf, terms.sum() - log_Z, math.inf)
 
 def tvd_p_m(log_P, logp_q, logp_m, Z):
     """TVD(p, m) = ½·E_q|p/q − m/q|, x_i ~ q (eq. 21). With m = π, E_q|A| = 2·Z·TVD(p, π) (§4.5)."""

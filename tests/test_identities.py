@@ -115,6 +115,19 @@ def test_eq16_fit_lambdas_gives_the_min_kl_projection(kw):
     assert holds(tx.check_eq16(tx.make_instance(**kw)))
 
 
+@given(instances(families=("table",)))
+def test_hard_factors_meet_their_moments_exactly(kw):
+    """μ̄ ∈ {0, 1}: p = a·[φ = μ̄]/Z has E_p φ = μ̄; hybrid: fit_lambdas inside the hard constraint hits the soft μ̄."""
+    assert holds(tx.check_hard_factors(tx.make_instance(**kw)))
+
+
+@given(instances(families=("table",)))
+def test_kl_forms_gap_and_variance_ordering(kw):
+    """gdc's − ours = log Ẑ·(Ẑ_N/Ẑ − 1) for every m; with Ẑ = Z and m = q, gdc's form has the larger variance
+    whenever Z ≥ 1; pointwise at π = q = a it has none."""
+    assert holds(tx.check_kl_forms(tx.make_instance(**kw)))
+
+
 @given(instances())
 def test_estimate_Z_is_exact_on_all_of_X(kw):
     assert holds(tx.check_estimate_Z(tx.make_instance(**kw)))
