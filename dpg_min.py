@@ -145,7 +145,7 @@ def kl_p_m(log_P, logp_q, logp_m, Z):
     """D_KL(p‖m) ≈ −log Ẑ + (1/N) Σ_i (P(x_i)/(Ẑ·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q  (§4.2, metric 2), the
     form of GDC gdc/base_trainer.py L84-242 (why: README, deviation 1). P = 0 adds 0; Z = 0 gives +inf."""
     log_Z = log_P.new_tensor(float(Z)).log()                           # −inf when Z = 0
-    weight = torch.exp(log_P - log_Z - logp_q - math.log(len(log_P)))   # P/(Ẑ·N·q)
+    weight = torch.exp(torch.where(log_P > -math.inf, log_P - log_Z, log_P) - logp_q - math.log(len(log_P)))  # P/ẐNq
     terms = torch.where(log_P == -math.inf, torch.zeros_like(weight), weight * (log_P - logp_m))
     return torch.where(log_Z > -math.inf, terms.sum() - log_Z, math.inf)
 
@@ -200,14 +200,15 @@ def sample(model, n, T, bos_id, chunk=256):
     """n exact ancestral samples of T tokens: ids (n, T + 1), log m(x) (n,) in float64. Not `generate`, whose
     top-k = 50 and EOS stop sample another distribution (every P/q wrong). Inverse-CDF draws: 2x multinomial's speed."""
     device, all_ids, all_logp = next(model.parameters()).device, [], []
+    U = torch.rand(n, T, dtype=torch.float64, device=device)            # drawn first: chunks don't change x
     for start in range(0, n, chunk):
         ids = torch.full((min(chunk, n - start), 1), bos_id, dtype=torch.long, device=device)
         logp, past = torch.zeros(len(ids), dtype=torch.float64, device=device), None
-        for _ in range(T):
+        for t in range(T):
             out = model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), past_key_values=past)
             past, log_probs = out.past_key_values, torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
             cdf = log_probs.double().exp().cumsum(-1)                   # a uniform against it, in float64
-            u = torch.rand(len(ids), 1, dtype=torch.float64, device=device) * cdf[:, -1:]
+            u = U[start:start + len(ids), t, None] * cdf[:, -1:]
             x = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)        # (b, 1)
             logp += log_probs.gather(1, x).squeeze(1).double()
             ids = torch.cat([ids, x], dim=1)
@@ -354,8 +355,8 @@ def self_bleu(texts, ns=(3, 4, 5)):
     """Self-BLEU-n (Zhu et al. 2018): each text's BLEU-n against all others (word tokens, smoothed), averaged."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     tokens = [tokens_of(t) for t in texts]
-    scores = [sentence_bleu(tokens[:i] + tokens[i + 1:], hyp, [(1 / n,) * n for n in ns],
-                            smoothing_function=SmoothingFunction().method1) for i, hyp in enumerate(tokens)]
+    scores = [sentence_bleu(tokens[:i] + tokens[i + 1:], hyp, [(1 / n,) * n for n in ns], smoothing_function=
+              SmoothingFunction().method1) for i, hyp in enumerate(tokens) if len(tokens) > 1]   # one text: none
     scores = [s if isinstance(s, list) else [s] * len(ns) for s in scores]   # nltk: a bare 0 if nothing matches
     return [sum(column) / len(scores) for column in zip(*scores)] if len(tokens) > 1 else [math.nan] * len(ns)
 
@@ -418,8 +419,7 @@ def check_finite(step, quantities):
             raise NotFinite(f"step {step}: {name} is {'NaN' if x.isnan().any() else 'infinite'}, so π was not "
                             f"updated with it; lower --lr or check the task")
 
-def n_steps_of(cfg, mu_bar):
-    """--steps, or --samples / B (GDC++: 6.4M samples on pointwise tasks, else 8.4M)."""
+def n_steps_of(cfg, mu_bar):         # --steps, or --samples / B (GDC++: 6.4M samples pointwise, else 8.4M)
     return cfg.steps or -(-(cfg.samples or (6_400_000 if set(mu_bar) <= {0, 1} else 8_400_000)) // cfg.batch_size)
 
 def train(cfg, task, a, tokenizer, ckpt=None, log=print):

@@ -3,7 +3,7 @@ E_π φ) against training samples, and a Markdown table of the runs on stdout.
 
     python figures/plot.py RUN_DIR [RUN_DIR ...] --out figures/fig.png [--metrics E_pi_phi,kl_p_pi] [--reach 0.5]
 """
-import argparse, json, math, os, sys
+import argparse, json, os, sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # dpg_min.py, one folder up
 from dpg_min import LABELS, BadInput, Config, fmt, method_name, refuse, saved_flags  # noqa: E402
@@ -37,8 +37,8 @@ def plot(argv):
         refuse("plot needs matplotlib, which is optional: pip install matplotlib")
     tasks, seeds, n = {c.task for c, _ in runs}, {c.seed for c, _ in runs}, len(keys)
     fig, axes = plt.subplots(-(-n // 3), min(3, n), squeeze=False, figsize=(4.2 * min(3, n), 3.2 * -(-n // 3)))
-    print(f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to E_π φ ≥ "
-          f"{args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|")
+    table = [f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to E_π φ ≥ "
+             f"{args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|"]
     for colour, (c, rows) in enumerate(runs):
         label = f"{method_name(c)} B={c.batch_size}" + f" {c.task}" * (len(tasks) > 1) + f" seed {c.seed}" * (len(seeds) > 1)
         for ax, key in zip(axes.flat, keys):
@@ -49,19 +49,20 @@ def plot(argv):
             ax.set(title=LABELS.get(key, key), xlabel="training samples", yscale="log" if key[:4] == "var_" else "linear")
         last, means = rows[-1], [[r[k] for r in rows if r.get(k) is not None] for k in ("mean_abs_A", "var_A", "var_G")]
         hit = next((r["samples"] for r in rows if (r["E_pi_phi"] or [0])[0] >= args.reach), "never")
-        print(f"| {label} | {last['samples']} | " + " | ".join("inf" if last[k] is None else fmt(last[k]) for k in (
+        table.append(f"| {label} | {last['samples']} | " + " | ".join("inf" if last[k] is None else fmt(last[k]) for k in (
             "E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_1")) + f" | {hit} | "
-              + " | ".join(f"{sum(v) / len(v):.3g}" if v else "-" for v in means) + " |")
+                     + " | ".join(f"{sum(v) / len(v):.3g}" if v else "-" for v in means) + " |")
     [ax.axis("off") for ax in axes.flat[n:]]
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=72)
-    print(f"wrote {args.out}")
+    print("\n".join(table + [f"wrote {args.out}"]))       # after the figure: a reader who stops early can't stop it
 
 def main(argv=None):
     try:
         plot(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()                              # a closed pipe shows here, inside the try, not at exit
     except BadInput as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         sys.exit(2)

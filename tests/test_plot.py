@@ -1,99 +1,171 @@
-"""Issue 6: the plot command and the exact variance trajectory of toy_exact.py."""
+"""figures/plot.py (the paper's figures from the runs' logs), and the exact variance trajectory of toy_exact.py."""
+import importlib.util
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 
 import pytest
 
-import dpg_min as dm
 import toy_exact
-from test_train import run, small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """A GDC and a GDC++ run on the tiny model, 3 steps each, logged at every step."""
-    tmp = tmp_path_factory.mktemp("runs")
-    outs = []
-    for baseline in (False, True):
-        cfg = small_config(tmp, baseline=baseline, steps=3, eval_interval=1, out=str(tmp / f"b{int(baseline)}"))
-        run(cfg)
-        outs.append(cfg.out)
-    return outs
+def plot():
+    """figures/plot.py as a module: its main(argv) draws, or raises SystemExit(2) on bad input."""
+    spec = importlib.util.spec_from_file_location("figures_plot", os.path.join(ROOT, "figures", "plot.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_plot_writes_a_figure_and_a_table_of_the_runs(two_runs, tmp_path, capsys):
+@pytest.fixture
+def two_runs(method_runs):
+    """The session's GDC and GDC++ runs (conftest.METHOD_RUNS), logged at steps 0 and 10 of B = 64."""
+    return [method_runs["gdc"]["out"], method_runs["gdcpp"]["out"]]
+
+
+def table_of(out):
+    """The Markdown rows of plot's stdout: a list of cells per row, header first."""
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] for line in out.splitlines()
+            if line.startswith("|")]
+
+
+def fake_run(folder, rows, **flags):
+    """A run folder with the given metrics rows, as plot reads it (config.json and metrics.jsonl)."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"dpg_min": flags}, f)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(folder)
+
+
+def test_plot_writes_a_figure_and_a_markdown_table_of_the_runs(plot, two_runs, tmp_path, capsys, read_metrics):
     out = tmp_path / "fig.png"
-    dm.main(["plot", *two_runs, "--out", str(out), "--metrics", "E_pi_phi,var_A,mean_P_q,mean_Zpi_q,mean_A"])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    table = capsys.readouterr().out.splitlines()
-    assert table[2].startswith("| GDC B=64 | 192 |") and table[3].startswith("| GDC++ B=64 | 192 |")
-    with pytest.raises(SystemExit) as exit_info:                # never overwritten by accident
-        dm.main(["plot", *two_runs, "--out", str(out)])
-    assert exit_info.value.code == 2 and "add --overwrite" in capsys.readouterr().err
-
-
-def test_seeds_are_told_apart_and_a_closed_pipe_is_no_error(two_runs, tmp_path, capsys):
-    """Fig. 5 plots several seeds of each method: the table names the seed. `plot ... | head` may stop
-    reading early: the figure is still written, and nothing is printed on stderr."""
-    other = tmp_path / "seed13"                                 # the GDC++ run, relabelled as seed 13
-    shutil.copytree(two_runs[1], other)
-    config = json.loads((other / "config.json").read_text())
-    config["dpg_min"]["seed"] = 13
-    (other / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "fig.png"
-    p = subprocess.Popen([sys.executable, "dpg_min.py", "plot", *two_runs, str(other), "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p.stdout.close()                                            # as `head` does once it has its lines
-    err = p.stderr.read()
-    assert p.wait() == 0 and err == "" and out.stat().st_size > 10_000
-    dm.main(["plot", *two_runs, str(other), "--out", str(out), "--overwrite"])
-    table = capsys.readouterr().out.splitlines()
-    assert [row.split(" | ")[0] for row in table[2:5]] == ["| GDC B=64 seed 12", "| GDC++ B=64 seed 12",
-                                                           "| GDC++ B=64 seed 13"]
-
-
-def test_the_fig_2_quantities_make_up_the_advantage(two_runs):
-    """mean A = mean P/q − mean Ẑ·π/q for GDC++; for GDC, A = P/q."""
-    for out, baseline in zip(two_runs, (False, True)):
-        for row in [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]:
-            expected = row["mean_P_q"] - (row["mean_Zpi_q"] if baseline else 0)
-            assert row["mean_A"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
-
-
-def test_samples_to_reach_a_target_are_read_from_the_log():
-    rows = [dict(step=s, samples=100 * s, E_pi_phi=[v], kl_p_pi=1.0, kl_pi_a=1.0, tvd_p_pi=0.5, self_bleu_5=0.1,
-                 distinct_1=0.5, mean_abs_A=None, var_A=None) for s, v in enumerate([0.1, 0.4, 0.55, 0.3])]
-    assert "| 200 |" in dm.summary("r", rows, 0.5) and "| never |" in dm.summary("r", rows, 0.6)
+    plot.main([*two_runs, "--out", str(out), "--metrics", "E_pi_phi,var_A,mean_P_q,mean_Zpi_q,mean_A"])
+    assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    rows = table_of(printed)
+    assert rows[0][:3] == ["run", "samples", "E_π φ"] and rows[0][9] == "mean \\|A\\|" and rows[1] == ["---"] * 12
+    assert [r[:2] for r in rows[2:]] == [["GDC B=64", "640"], ["GDC++ B=64", "640"]]
+    for row, run in zip(rows[2:], two_runs):
+        last = read_metrics(run)[-1]
+        assert row[2] == f"{last['E_pi_phi'][0]:.3g}" and row[3] == f"{last['kl_p_pi']:.3g}"
+    assert printed.rstrip().endswith(f"wrote {out}")
 
 
 @pytest.mark.parametrize("args, message", [
-    (["plot", "/no/such/run", "--out", "f.png"], "holds no dpg_min run"),
-    (["plot", "--out", "f.png"], "the following arguments are required: RUN_DIR"),
-    (["plot", "RUN", "--out", "f.png", "--metrics", "nope"], "none of these is logged"),
+    (["/no/such/run", "--out", "FIG"], "'/no/such/run' holds no dpg_min run"),
+    (["--out", "FIG"], "the following arguments are required: RUN_DIR"),
+    (["RUN", "--out", "FIG", "--metrics", "nope"], "--metrics 'nope': none of these is logged by the runs"),
+    (["RUN", "--out", "FIG", "--reach", "half"], "invalid float value"),
+    (["RUN", "--out", "OLD"], "already exists; choose a new file, or add --overwrite"),
 ])
-def test_plot_bad_input_is_one_line(two_runs, tmp_path, capsys, args, message):
+def test_plot_bad_input_is_one_line_exit_2_and_writes_nothing(plot, two_runs, tmp_path, capsys, args, message):
+    (tmp_path / "old.png").write_bytes(b"an earlier figure")
+    stand_in = {"RUN": two_runs[0], "FIG": str(tmp_path / "f.png"), "OLD": str(tmp_path / "old.png")}
     with pytest.raises(SystemExit) as exit_info:
-        dm.main([{"RUN": two_runs[0], "f.png": str(tmp_path / "f.png")}.get(a, a) for a in args])
+        plot.main([stand_in.get(a, a) for a in args])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "f.png").exists()
+    assert exit_info.value.code == 2 and message in err and err.splitlines() == [err], err
+    assert err.startswith("plot.py: error: ")
+    assert sorted(os.listdir(tmp_path)) == ["old.png"] and (tmp_path / "old.png").read_bytes() == b"an earlier figure"
 
 
-def test_without_matplotlib_plot_says_how_to_install_it(two_runs, tmp_path, monkeypatch, capsys):
+def test_runs_with_different_seeds_are_labelled_by_seed(plot, two_runs, copy_run, tmp_path, capsys):
+    """Fig. 5 plots several seeds of each method: the table names the seed (and only then)."""
+    other = copy_run(two_runs[1], "seed13")
+    config = json.loads((other / "config.json").read_text())
+    config["dpg_min"]["seed"] = 13
+    (other / "config.json").write_text(json.dumps(config))
+    plot.main([*two_runs, str(other), "--out", str(tmp_path / "fig.png")])
+    assert [r[0] for r in table_of(capsys.readouterr().out)[2:]] == ["GDC B=64 seed 12", "GDC++ B=64 seed 12",
+                                                                     "GDC++ B=64 seed 13"]
+
+
+def test_a_closed_stdout_is_exit_0_without_a_traceback_and_the_figure_is_written(two_runs, tmp_path):
+    """`plot.py ... | head` may stop reading early: the figure is still written, and nothing is on stderr.
+    A real pipe, block-buffered as in a user's shell (PYTHONUNBUFFERED unset)."""
+    out = tmp_path / "fig.png"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([sys.executable, os.path.join("figures", "plot.py"), *two_runs, "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p.stdout.close()                                            # as `head` does once it has its lines
+    err = p.stderr.read()
+    assert (p.wait(), err) == (0, "") and out.read_bytes()[:8] == PNG
+
+
+class ClosedPipe:
+    """An unbuffered stdout (python -u, PYTHONUNBUFFERED=1) whose reader is gone: every write raises."""
+    def __init__(self, fd):
+        self.fd = fd
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.fd
+
+
+def test_an_unbuffered_closed_stdout_still_gets_the_figure_written(plot, two_runs, tmp_path, monkeypatch):
+    out, sink = tmp_path / "fig.png", os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe(sink))        # main points the fd at /dev/null: ours, not 1
+    try:
+        plot.main([*two_runs, "--out", str(out)])
+    finally:
+        os.close(sink)
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_without_matplotlib_plot_says_how_to_install_it(plot, two_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)       # `import matplotlib` now raises ImportError
     with pytest.raises(SystemExit) as exit_info:
-        dm.main(["plot", two_runs[0], "--out", str(tmp_path / "f.png")])
-    assert exit_info.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+        plot.main([two_runs[0], "--out", str(tmp_path / "f.png")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.endswith("pip install matplotlib") and err.splitlines() == [err]
+    assert not (tmp_path / "f.png").exists()
     with pytest.raises(ImportError):
         toy_exact.plot_trajectory([], str(tmp_path / "t.png"))
 
 
-def test_the_exact_trajectory_keeps_the_paper_identities_at_every_step():
-    """Along exact-gradient DPG: E_q|A| = 2·Z·TVD (eq. 21), b* beats both baselines, GDC's E|A| is Z,
-    KL(p‖π) falls, and q is replaced by π now and then (Algorithm 1)."""
+def test_the_fig_2_quantities_make_up_the_advantage(two_runs, read_metrics):
+    """mean A = mean P/q − mean Ẑ·π/q for GDC++ (Fig. 2); for GDC, A = P/q."""
+    for out, baseline in zip(two_runs, (False, True)):
+        trained = [r for r in read_metrics(out) if r["step"] > 0]
+        assert trained
+        for row in trained:
+            assert row["mean_P_q"] > 0 and row["mean_Zpi_q"] > 0
+            expected = row["mean_P_q"] - (row["mean_Zpi_q"] if baseline else 0)
+            assert row["mean_A"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_samples_to_reach_a_target_and_the_mean_variances_are_read_from_the_log(plot, tmp_path, capsys):
+    rows = [dict(step=s, samples=100 * s, E_pi_phi=[v, 0.9], kl_p_pi=None if s == 3 else 1.0, kl_pi_a=0.5,
+                 tvd_p_pi=0.25, self_bleu_5=0.125, distinct_1=0.75, mean_abs_A=None if s == 0 else float(s),
+                 var_A=None if s == 0 else 2.0 * s, var_G=None)
+            for s, v in enumerate([0.1, 0.4, 0.55, 0.3])]
+    run = fake_run(tmp_path / "run", rows, method="reinforce", baseline=True, batch_size=100, seed=3)
+    table = {}
+    for reach in ("0.5", "0.6"):
+        plot.main([run, "--out", str(tmp_path / f"{reach}.png"), "--reach", reach])
+        table[reach] = table_of(capsys.readouterr().out)
+    assert table["0.5"][0][8] == "samples to E_π φ ≥ 0.5" and table["0.6"][0][8] == "samples to E_π φ ≥ 0.6"
+    assert table["0.5"][2] == ["Reinforce-baseline B=100", "300", "0.3/0.9", "inf", "0.5", "0.25", "0.125", "0.75",
+                               "200", "2", "4", "-"]
+    assert table["0.6"][2][8] == "never"
+
+
+def test_the_exact_trajectory_keeps_the_paper_identities_at_every_step(tmp_path):
+    """Along exact-gradient DPG (toy_exact.trajectory): E_q|A| = 2·Z·TVD (eq. 21), b* beats both baselines,
+    GDC's E|A| is Z, KL(p‖π) falls, q is replaced by π now and then (Algorithm 1); and it is drawn."""
     rows = toy_exact.trajectory(steps=30)
     for r in rows:
         assert r["E_abs_A"] == pytest.approx(2 * r["Z"] * r["tvd_p_pi"], rel=1e-10)
@@ -103,26 +175,17 @@ def test_the_exact_trajectory_keeps_the_paper_identities_at_every_step():
             assert r["var_A_gdcpp"] == pytest.approx(r["var_A_gdc"], rel=1e-9)
     assert rows[-1]["kl_p_pi"] < rows[0]["kl_p_pi"] / 2
     assert 0 < sum(not r["q_is_pi"] for r in rows) < len(rows)
-    assert "steps" in toy_exact.summarise(rows)
+    assert "Var(G) is lower with the baseline" in toy_exact.summarise(rows)
+    toy_exact.plot_trajectory(rows, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG and (tmp_path / "t.png").stat().st_size > 10_000
 
 
-def test_toy_exact_trajectory_prints_a_summary_and_draws_it(tmp_path):
-    result = subprocess.run([sys.executable, "toy_exact.py", "--trajectory", "--plot", str(tmp_path / "t.png")],
+def test_toy_exact_trajectory_command_prints_the_summary_and_draws_it(tmp_path):
+    """`python toy_exact.py --plot F` (which implies --trajectory): the summary, the figure, the KL-forms table.
+    The suite's slowest single test (~9 s: 300 exact steps and 2×200 Monte-Carlo rounds)."""
+    result = subprocess.run([sys.executable, "toy_exact.py", "--plot", str(tmp_path / "t.png")], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "Var(G) is lower with the baseline" in result.stdout and (tmp_path / "t.png").stat().st_size > 10_000
-
-
-def test_a_closed_pipe_during_training_is_exit_1_without_a_traceback(monkeypatch, capfd):
-    """Unlike plot's, a run cut off by its reader has not finished: it must not look like a success."""
-    def reader_gone(*args, **kwargs):
-        raise BrokenPipeError
-    monkeypatch.setattr(dm, "train", reader_gone)
-    saved = os.dup(1)                                           # main points fd 1 at /dev/null: undo that
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            dm.main(["--model", "tiny", "--task", "amazing", "--out", "unused"])
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    assert exit_info.value.code == 1 and capfd.readouterr().err == ""
+    assert "Var(G) is lower with the baseline Z·π/q than without at" in result.stdout
+    assert f"wrote {tmp_path / 't.png'}" in result.stdout and "D_KL(p‖π) estimates" in result.stdout
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG and (tmp_path / "t.png").stat().st_size > 10_000

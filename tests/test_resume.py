@@ -1,138 +1,172 @@
-"""Issue 5: checkpoints, exact resume after a kill, determinism, --overwrite and fresh output folders."""
+"""Checkpoints (one file, OUT/checkpoint.pt, written atomically), exact resume after a kill or a crash,
+determinism, --resume with new --lr/--steps, damaged and finished runs, --overwrite and fresh output folders."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import torch
 
 import dpg_min as dm
-from test_train import read_metrics, run, small_config
 
-# Checkpoints every 3 steps, metrics every step: a kill after step 5 must replay steps 4 and 5.
-RESUMABLE = dict(steps=8, eval_interval=1, save_interval=3, q_update_interval=2, batch_size=32,
-                 forward_batch_size=32, eval_samples=32, seq_len=10)
-ARGS = ["--model", "tiny", "--baseline"] + [a for k, v in RESUMABLE.items() for a in ("--" + k.replace("_", "-"), str(v))]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def without_seconds(rows):
-    """Metrics rows minus wall-clock time, the one field that may differ between equal runs."""
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-
-
-def files_of(folder):
-    """{relative path: bytes} of every file under folder, to show that nothing was changed."""
-    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(folder) for n in names}
+# Metrics every step, checkpoints at steps 0, 5 and 10: a kill after step 6 is logged must replay steps 6-10.
+KILLED = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "10", "--eval-interval", "1",
+          "--save-interval", "5", "--q-update-interval", "2", "--batch-size", "16", "--forward-batch-size", "16",
+          "--eval-samples", "16", "--seq-len", "8", "--diversity-samples", "16"]
+# In-process crashes: metrics every step, checkpoints at 0, 3 and 6; the crash comes as step 5 is printed, after
+# step 4's line was written: --resume must drop it and replay steps 4 and 5.
+CRASHED = dict(steps=6, save_interval=3, q_update_interval=2)
 
 
-def test_a_run_killed_with_sigkill_and_resumed_logs_what_an_uninterrupted_run_logs(tmp_path):
-    def start(*args):
-        return subprocess.Popen([sys.executable, "dpg_min.py", *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    reference = start(*ARGS, "--out", whole)
-    victim = start(*ARGS, "--out", killed)
-    metrics = os.path.join(killed, "metrics.jsonl")
-    deadline = time.time() + 120
-    while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 6):    # steps 0-5 logged
-        assert victim.poll() is None and time.time() < deadline, victim.stderr.read()
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert reference.wait() == 0, reference.stderr.read()
-    assert dm.checkpoints(killed) == [3]                    # the kill came before checkpoint-6
-    resumed = subprocess.run([sys.executable, "dpg_min.py", "--resume", killed], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+def checkpoint_step(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["s"]["step"]
+
+
+def main_exit(args, capsys):
+    """dm.main(args) that must exit: (status, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        dm.main(args)
+    return info.value.code, capsys.readouterr().err.strip()
+
+
+def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrupted_log(tmp_path, run_tiny,
+                                                                                         read_metrics, without_seconds):
+    killed = str(tmp_path / "killed")
+    victim = subprocess.Popen([sys.executable, "dpg_min.py", *KILLED, "--out", killed], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, done = os.path.join(killed, "metrics.jsonl"), threading.Event()
+
+    def kill_after_step_6():                        # polls while the reference trains in this process
+        deadline = time.time() + 120
+        while victim.poll() is None and time.time() < deadline:
+            if os.path.exists(metrics) and open(metrics).read().count("\n") >= 7:      # steps 0-6 logged
+                victim.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        done.set()
+    threading.Thread(target=kill_after_step_6, daemon=True).start()
+    whole = dm.parse_config(KILLED + ["--out", str(tmp_path / "whole")])
+    run_tiny(whole)
+    done.wait(130)
+    assert victim.wait() == -signal.SIGKILL, victim.stderr.read()
+    assert checkpoint_step(killed) == 5, "killed too late: the run had saved past step 5"
+    assert len(read_metrics(killed)) >= 7 and not os.path.exists(killed + "/checkpoint.pt.tmp")
+    dm.main(["--resume", killed])
     rows = read_metrics(killed)
-    assert [r["step"] for r in rows] == list(range(9))      # no line missing, none twice
-    assert without_seconds(rows) == without_seconds(read_metrics(whole))
-    assert dm.checkpoints(killed) == dm.checkpoints(whole) == [8]
+    assert [r["step"] for r in rows] == list(range(11))        # no line missing, none twice
+    assert without_seconds(rows) == without_seconds(read_metrics(whole.out))
+    assert checkpoint_step(killed) == checkpoint_step(whole.out) == 10
 
 
-@pytest.mark.parametrize("changes", [dict(method="ziegler", baseline=True),           # value head and β
-                                     dict(task="female"),                            # λ
+@pytest.mark.parametrize("changes", [dict(method="ziegler", batch_size=16, ppo_minibatch=8),    # value head and β
+                                     dict(task="female", baseline=True),                        # λ
                                      dict(method="reinforce", baseline=True)])
-def test_a_crash_at_any_step_resumes_exactly(tmp_path, changes):
-    """In-process: the run dies when it logs step 4 (after checkpoint-3), and again leaves a half-written
-    checkpoint behind; --resume still reproduces the uninterrupted run line for line."""
-    cfg = small_config(tmp_path, **{**RESUMABLE, **changes})
-    whole = small_config(tmp_path, **{**RESUMABLE, **changes}, out=str(tmp_path / "whole"))
-    _, last = run(whole)
+def test_a_crash_at_a_step_resumes_exactly(small_config, run_tiny, read_metrics, without_seconds, capsys, changes):
+    """In-process: the run dies as it prints step 5 (two lines after the checkpoint of step 3) and leaves a
+    half-written checkpoint.pt.tmp behind; --resume reproduces the uninterrupted run line for line, λ included."""
+    changes = {"task": "politics", **CRASHED, **changes}
+    whole, cfg = small_config("whole", **changes), small_config("crashed", **changes)
+    _, last, _ = run_tiny(whole)
 
-    def die_at_step_4(line):
-        if line.startswith("step 4/"):
+    def die_at_step_5(line):
+        if line.startswith("step 5/"):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, log=die_at_step_4)
-    os.makedirs(os.path.join(cfg.out, "checkpoint-6.tmp", "pi"))              # killed while saving
-    open(os.path.join(cfg.out, "checkpoint-6.tmp", "state.pt"), "w").write("half")
-    assert dm.checkpoints(cfg.out) == [3]
-    lines = []
-    _, resumed_last = run(dm.parse_config(["--resume", cfg.out]), log=lines.append)
-    assert lines[1] == f"resumed from {cfg.out}/checkpoint-3"
+        run_tiny(cfg, log=die_at_step_5)
+    assert checkpoint_step(cfg.out) == 3 and len(read_metrics(cfg.out)) == 5
+    with open(os.path.join(cfg.out, "checkpoint.pt.tmp"), "wb") as f:        # killed while saving
+        f.write(b"half a checkpoint")
+    capsys.readouterr()
+    dm.main(["--resume", cfg.out])
+    assert f"resumed from {cfg.out}/checkpoint.pt at step 3" in capsys.readouterr().out
     assert without_seconds(read_metrics(cfg.out)) == without_seconds(read_metrics(whole.out))
-    assert without_seconds([resumed_last]) == without_seconds([last])
+    ours, theirs = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=False)["s"] for o in (cfg.out, whole.out))
+    assert torch.equal(ours["lam"], theirs["lam"]) and ours["beta"] == theirs["beta"] and ours["step"] == 6
     assert sorted(os.listdir(cfg.out)) == sorted(os.listdir(whole.out))       # the .tmp is gone
 
 
-def test_the_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+def test_the_same_seed_gives_identical_metrics_and_another_seed_does_not(small_config, run_tiny, read_metrics,
+                                                                         without_seconds):
     rows = []
     for name, seed in (("one", 12), ("two", 12), ("three", 13)):
-        cfg = small_config(tmp_path, seed=seed, steps=2, eval_interval=1, eval_samples=32, out=str(tmp_path / name))
-        run(cfg)
+        cfg = small_config(name, task="politics", seed=seed)
+        run_tiny(cfg)
         rows.append(without_seconds(read_metrics(cfg.out)))
     assert rows[0] == rows[1] and rows[0] != rows[2]
 
 
-def test_resume_with_a_smaller_learning_rate_changes_only_the_future(tmp_path):
-    cfg = small_config(tmp_path, **{**RESUMABLE, "steps": 3})
-    run(cfg)
-    more = dm.parse_config(["--resume", cfg.out, "--steps", "6", "--lr", "1e-5"])
-    assert (more.lr, more.steps, more.batch_size) == (1e-5, 6, RESUMABLE["batch_size"])
+def test_resume_with_new_steps_and_lr_changes_only_the_future(small_config, run_tiny, read_metrics, capsys):
+    cfg = small_config(task="politics", steps=3)
+    run_tiny(cfg)
     before = read_metrics(cfg.out)
-    run(more)
+    more = dm.parse_config(["--resume", cfg.out, "--steps", "6", "--lr", "1e-5"])
+    assert (more.lr, more.steps, more.batch_size, more.task) == (1e-5, 6, 16, "politics")
+    dm.main(["--resume", cfg.out, "--steps", "6", "--lr", "1e-5"])
     after = read_metrics(cfg.out)
     assert after[:4] == before and [r["step"] for r in after] == list(range(7))
-    assert json.load(open(os.path.join(cfg.out, "config.json")))["dpg_min"]["lr"] == 1e-5
-    assert dm.checkpoints(cfg.out) == [6]
+    saved = json.load(open(os.path.join(cfg.out, "config.json")))["dpg_min"]
+    assert (saved["lr"], saved["steps"]) == (1e-5, 6)
+    ckpt = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=False)
+    assert ckpt["s"]["step"] == 6 and ckpt["opt"]["param_groups"][0]["lr"] == 1e-5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "64"], "--batch-size 64 contradicts the run's 32"),
-    (["--task", "female"], "--task female contradicts"),
-    (["--out", "elsewhere"], "--out elsewhere contradicts"),
-    (["--overwrite"], "--resume and --overwrite: choose one"),
-    (["--steps", "3"], "has finished its 3 steps"),
-    (["--lr", "0"], "--lr must be positive"),
-])
-def test_resume_refuses_contradicting_flags_and_changes_nothing(tmp_path, capsys, args, message):
-    cfg = small_config(tmp_path, **{**RESUMABLE, "steps": 3})
-    run(cfg)
+def test_a_damaged_checkpoint_is_one_line_exit_2_and_changes_nothing(small_config, run_tiny, files_of, capsys):
+    cfg = small_config(task="politics")
+    run_tiny(cfg)
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
     before = files_of(cfg.out)
-    with pytest.raises(SystemExit) as exit_info:
-        dm.main(["--resume", cfg.out] + args)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    code, err = main_exit(["--resume", cfg.out, "--steps", "4"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "checkpoint.pt is damaged" in err and "--overwrite" in err
     assert files_of(cfg.out) == before
 
 
-def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(tmp_path, capsys):
-    cfg = small_config(tmp_path, **{**RESUMABLE, "steps": 2})
-    run(cfg)
+def test_resuming_a_finished_run_is_exit_2_and_changes_nothing(small_config, run_tiny, files_of, capsys):
+    cfg = small_config(task="politics")
+    run_tiny(cfg)
+    before = files_of(cfg.out)
+    code, err = main_exit(["--resume", cfg.out], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "has finished its 2 steps; give --steps above 2" in err
+    assert files_of(cfg.out) == before
+
+
+def test_a_nan_stop_is_one_line_exit_1_naming_the_checkpoint_and_resume_goes_on(tmp_path, read_metrics, monkeypatch,
+                                                                                 capsys):
+    """The stop keeps the last good checkpoint (step 0) and says so; once the cause is gone (here: the patch
+    is undone; in life: perhaps a smaller --lr), --resume finishes the run."""
+    out = str(tmp_path / "run")
+    token_logprobs = dm.token_logprobs
+    monkeypatch.setattr(dm, "token_logprobs", lambda model, ids, v_head=None: token_logprobs(model, ids, v_head) * (
+        float("nan") if torch.is_grad_enabled() else 1.0))
+    code, err = main_exit(["--model", "tiny", "--task", "politics", "--steps", "2", "--batch-size", "16",
+                           "--eval-samples", "16", "--seq-len", "8", "--baseline", "--out", out], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("dpg_min.py: stopped: step 1:") and "--lr" in err
+    assert err.endswith(f"Its last good checkpoint is {out}/checkpoint.pt: go on with --resume {out}")
+    monkeypatch.undo()
+    dm.main(["--resume", out, "--lr", "1e-4"])
+    assert [m["step"] for m in read_metrics(out)] == [0, 2] and checkpoint_step(out) == 2
+
+
+def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(small_config, run_tiny, read_metrics, files_of,
+                                                                     tmp_path, capsys):
+    cfg = small_config(task="politics")
+    run_tiny(cfg)
     (tmp_path / "run" / "stale.txt").write_text("from the old run\n")
-    cfg = dm.parse_config(ARGS + ["--steps", "1", "--out", cfg.out, "--overwrite"])
-    run(cfg)
+    dm.main(["--model", "tiny", "--task", "politics", "--steps", "1", "--batch-size", "16", "--eval-samples", "16",
+             "--seq-len", "8", "--out", cfg.out, "--overwrite"])
     assert [r["step"] for r in read_metrics(cfg.out)] == [0, 1] and not (tmp_path / "run" / "stale.txt").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious\n")
-    with pytest.raises(SystemExit) as exit_info:
-        dm.main(ARGS + ["--out", str(tmp_path / "mine"), "--overwrite"])
-    assert exit_info.value.code == 2 and "holds no dpg_min run" in capsys.readouterr().err
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious\n"
+    code, err = main_exit(["--model", "tiny", "--out", str(tmp_path / "mine"), "--overwrite"], capsys)
+    assert code == 2 and "holds no dpg_min run (no config.json), so it is left alone" in err
+    assert files_of(tmp_path / "mine") == {"thesis.tex": b"precious\n"}
 
 
 def test_each_run_without_out_gets_a_new_folder(tmp_path, monkeypatch):
@@ -142,3 +176,5 @@ def test_each_run_without_out_gets_a_new_folder(tmp_path, monkeypatch):
     open(os.path.join(first.out, "metrics.jsonl"), "w").close()
     second = dm.parse_config(["--model", "tiny"])
     assert first.out.startswith(os.path.join("runs", "amazing-gdc-tiny-")) and second.out != first.out
+    assert dm.parse_config(["--model", "tiny", "--word", "zebra", "--baseline"]).out.startswith(
+        os.path.join("runs", "custom-gdc++-tiny-"))
