@@ -1,12 +1,12 @@
-"""dpg_min: GDC++ (KL-adaptive DPG with the baseline Z·π/q) in one readable file. Korbak, Elsahar, Kruszewski,
-Dymetman, "On Reinforcement Learning and Distribution Matching for Fine-Tuning Language Models with no
-Catastrophic Forgetting", NeurIPS 2022.    python dpg_min.py --task amazing --baseline [--model tiny]
+"""dpg_min: GDC++ (KL-adaptive DPG with the baseline Z·π/q) in one readable file. python dpg_min.py --help
 
-Distribution matching writes down the target p(x) = P(x)/Z, an energy-based model on the original LM a,
-P(x) = a(x)·φ_hard(x)·exp(λ·φ(x)), then trains π_θ to minimise D_KL(p‖π_θ) by Distributional Policy Gradient
-(DPG). GDC++ subtracts the baseline Z·π_θ(x)/q(x) from DPG's weight P(x)/q(x): no bias (Facts 1-2), and an
-advantage centred on zero (Fig. 2). Top to bottom: Config, the math (pure functions of log-probs, checked exactly
-by toy_exact.py), LM plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command line.
+Korbak, Elsahar, Kruszewski, Dymetman, "On Reinforcement Learning and Distribution Matching for Fine-Tuning
+Language Models with no Catastrophic Forgetting", NeurIPS 2022. Distribution matching writes down the target
+p(x) = P(x)/Z, an energy-based model on the original LM a, P(x) = a(x)·φ_hard(x)·exp(λ·φ(x)), then trains π_θ to
+minimise D_KL(p‖π_θ) by Distributional Policy Gradient (DPG). GDC++ subtracts the baseline Z·π_θ(x)/q(x) from
+DPG's weight P(x)/q(x): no bias (Facts 1-2), and an advantage centred on zero (Fig. 2). Top to bottom: Config,
+the math (pure functions of log-probs, checked exactly by toy_exact.py), LM plumbing, tasks and the EBM,
+evaluation, training (Algorithm 1), the command line.
 """
 import argparse, copy, json, math, os, random, re, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
@@ -143,7 +143,7 @@ def estimate_Z(log_P, logp_q):
 
 def kl_p_m(log_P, logp_q, logp_m, Z):
     """D_KL(p‖m) ≈ −log Ẑ + (1/N) Σ_i (P(x_i)/(Ẑ·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q  (§4.2, metric 2), the
-    form of GDC gdc/base_trainer.py L84-242 (why: README, deviation 1). P = 0 adds 0; Z = 0 gives +inf."""
+    form of GDC gdc/base_trainer.py L84-242 (why: README, "Deviations"). P = 0 adds 0; Z = 0 gives +inf."""
     log_Z = log_P.new_tensor(float(Z)).log()                           # −inf when Z = 0
     weight = torch.exp(torch.where(log_P > -math.inf, log_P - log_Z, log_P) - logp_q - math.log(len(log_P)))  # P/ẐNq
     terms = torch.where(log_P == -math.inf, torch.zeros_like(weight), weight * (log_P - logp_m))
@@ -240,13 +240,6 @@ def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64, labels
     return model.eval(), PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", unk_token="<unk>",
                                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
-def tiny_vocab(extra=(), size=1000):
-    """`--model tiny`'s words: the tasks', the custom `extra` ones, then fillers ("baba", ...) up to `size`."""
-    words = list(dict.fromkeys(["amazing", "WikiLeaks", *FEMALE, *MALE, *extra, *sum(WORDLISTS.values(), ())]))
-    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    filler = [s + t for s in syllables for t in syllables if s + t not in {w.lower() for w in words}]
-    return words + filler[:max(0, size - len(words))]
-
 def from_pretrained(auto_class, name, flag):
     """transformers' `auto_class` model and its tokenizer, by HF name or path, or one line of BadInput."""
     transformers.utils.logging.set_verbosity_error()        # no retry chatter: one line if it fails
@@ -255,21 +248,6 @@ def from_pretrained(auto_class, name, flag):
     except (OSError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise BadInput(f"cannot load {flag} {name!r} ({why}); with no network, use {flag} tiny") from None
-
-def load_lm(name, extra=()):
-    """The original LM a and its tokenizer: an HF causal LM, or the offline tiny one."""
-    return build_tiny(tiny_vocab(extra)) if name == "tiny" else from_pretrained("AutoModelForCausalLM", name, "--model")
-
-def load_classifier(name, device):
-    """Tasks 5-6: a transformers "text-classification" pipeline with labels POSITIVE and NEGATIVE."""
-    model, tokenizer = (build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE")) if name == "tiny" else
-                        from_pretrained("AutoModelForSequenceClassification", name, "--classifier"))
-    if not {"pos", "neg"} <= {str(v).lower()[:3] for v in model.config.id2label.values()}:
-        raise BadInput(f"--classifier {name!r} has labels {list(model.config.id2label.values())}, not positive and "
-                       f"negative: use a sentiment model")
-    if tokenizer.pad_token is None:                         # GPT-2-like classifiers have none
-        tokenizer.pad_token, model.config.pad_token_id = tokenizer.eos_token, tokenizer.eos_token_id
-    return transformers.pipeline("text-classification", model=model.eval(), tokenizer=tokenizer, device=device)
 
 # --- Tasks (§4.2) and the EBM (§4.1). A feature is "word:W" (W as written: not "wikileaks" for "WikiLeaks"),
 # "list:NAME" (a word of our list, lowercased; the paper's were PPLM's), "female" (more female than male pronouns,
@@ -288,6 +266,28 @@ TASKS = {"amazing": [("word:amazing", 1.0)], "wikileaks": [("word:WikiLeaks", 1.
          "female": [("female", 0.5)], "topics": [(f"list:{t}", 0.25) for t in ("science", "art", "sports", "business")],
          "hybrid-sports": [("female", 0.5), ("list:sports", 1.0)],                           # 9
          "hybrid-politics": [("female", 0.5), ("list:politics", 1.0)]}                       # 10
+
+def tiny_vocab(extra=(), size=1000):
+    """`--model tiny`'s words: the tasks', the custom `extra` ones, then fillers ("baba", ...) up to `size`."""
+    words = list(dict.fromkeys(["amazing", "WikiLeaks", *FEMALE, *MALE, *extra, *sum(WORDLISTS.values(), ())]))
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    filler = [s + t for s in syllables for t in syllables if s + t not in {w.lower() for w in words}]
+    return words + filler[:max(0, size - len(words))]
+
+def load_lm(name, extra=()):
+    """The original LM a and its tokenizer: an HF causal LM, or the offline tiny one."""
+    return build_tiny(tiny_vocab(extra)) if name == "tiny" else from_pretrained("AutoModelForCausalLM", name, "--model")
+
+def load_classifier(name, device):
+    """Tasks 5-6: a transformers "text-classification" pipeline with labels POSITIVE and NEGATIVE."""
+    model, tokenizer = (build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE")) if name == "tiny" else
+                        from_pretrained("AutoModelForSequenceClassification", name, "--classifier"))
+    if not {"pos", "neg"} <= {str(v).lower()[:3] for v in model.config.id2label.values()}:
+        raise BadInput(f"--classifier {name!r} has labels {list(model.config.id2label.values())}, not positive and "
+                       f"negative: use a sentiment model")
+    if tokenizer.pad_token is None:                         # GPT-2-like classifiers have none
+        tokenizer.pad_token, model.config.pad_token_id = tokenizer.eos_token, tokenizer.eos_token_id
+    return transformers.pipeline("text-classification", model=model.eval(), tokenizer=tokenizer, device=device)
 
 def feature(name, text, wordlists=WORDLISTS):
     """φ(x) ∈ {0, 1} of a decoded text for the feature `name` (see the section's comment)."""
@@ -337,7 +337,7 @@ def load_task(cfg):
 def log_P_of(logp_a, phi, mu_bar, lam):
     """log P(x) = log a(x) + λ·φ_soft(x) where φ_i(x) = μ̄_i for every hard feature i, else −inf   (eq. 16).
     A feature with μ̄ ∈ {0, 1} is pointwise (§4.1): exp(λφ) would need λ = ±∞, so it is an exact factor of P,
-    and λ weighs the others alone (GDC fits a finite λ to a hybrid task's μ̄ = 1 feature: README, deviations)."""
+    and λ weighs the others alone (GDC fits a finite λ to a hybrid task's μ̄ = 1 feature: README, "Deviations" 1)."""
     mu_bar = torch.as_tensor(mu_bar, dtype=phi.dtype, device=phi.device)
     hard = (mu_bar == 0) | (mu_bar == 1)
     log_P = logp_a + phi[:, ~hard].to(logp_a.dtype) @ lam.to(logp_a)
@@ -386,6 +386,16 @@ def method_loss(cfg, logp_pi, logp_q, log_P, Z_hat, j):
         return reinforce_loss(logp_pi, (R - R.mean() if cfg.baseline else R)[j])
     return dpg_loss(logp_pi, logp_q[j], log_P[j], Z_hat, cfg.baseline)
 
+def grad_norm(opt): return torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"]
+                                                         if p.grad is not None])
+
+def check_finite(step, quantities):
+    """Stop before an update carries a NaN or ±inf (say, a P/q beyond e^709) into π, where Adam would keep it."""
+    for name, x in quantities.items():
+        if not torch.isfinite(x := torch.as_tensor(x)).all():
+            raise NotFinite(f"step {step}: {name} is {'NaN' if x.isnan().any() else 'infinite'}, so π was not "
+                            f"updated with it; lower --lr or check the task")
+
 def ppo_update(pi, v_head, a, ids, log_P, s, cfg, opt, sched, step):
     """Ziegler on a batch ids ~ π: fixed GAE advantages A of the penalised rewards, then PPO steps; returns A."""
     with torch.no_grad():
@@ -409,18 +419,29 @@ def ppo_update(pi, v_head, a, ids, log_P, s, cfg, opt, sched, step):
                               len(ids))
     return A
 
-def grad_norm(opt): return torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"]
-                                                         if p.grad is not None])
-
-def check_finite(step, quantities):
-    """Stop before an update carries a NaN or ±inf (say, a P/q beyond e^709) into π, where Adam would keep it."""
-    for name, x in quantities.items():
-        if not torch.isfinite(x := torch.as_tensor(x)).all():
-            raise NotFinite(f"step {step}: {name} is {'NaN' if x.isnan().any() else 'infinite'}, so π was not "
-                            f"updated with it; lower --lr or check the task")
-
 def n_steps_of(cfg, mu_bar):         # --steps, or --samples / B (GDC++: 6.4M samples pointwise, else 8.4M)
     return cfg.steps or -(-(cfg.samples or (6_400_000 if set(mu_bar) <= {0, 1} else 8_400_000)) // cfg.batch_size)
+
+def fmt(values): return "/".join(f"{round(v, 6) + 0.0:.3g}" for v in (values if isinstance(values, list) else [values]))
+
+# metrics.jsonl key → its label in a step's line and in figures/plot.py (Figs. 3, 5 and 2); README "Metrics" says more
+LABELS = dict(E_pi_phi="E_π φ", kl_p_pi="KL(p‖π)", kl_pi_a="KL(π‖a)", tvd_p_pi="TVD(p,π)", self_bleu_5="Self-BLEU-5",
+              distinct_1="Distinct-1", Z_hat="Ẑ", mean_abs_A="mean|A|", var_A="Var(A)", var_G="Var(G)",
+              q_updates="q updates", beta="β", mean_P_q="P/q", mean_Zpi_q="Ẑ·π/q", mean_A="mean A")
+
+def log_metrics(cfg, s, texts, m, n_steps, path, log):
+    """Print a step's line and three samples of π; append the step's metrics to OUT/metrics.jsonl."""
+    m = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, kl_p_pi=s["kl_p_pi"], tvd_p_pi=s["tvd_p_pi"],
+             kl_p_q=s["kl_p_q"], Z_hat=s["Z_hat"], **s["batch"], var_G=s["var_G"], ess_P_q=s["ess_q"],
+             q_updated=s["q_updated"], q_updates=s["q_updates"], beta=s["beta"], seconds=round(s["seconds"], 1))
+    shown = [*LABELS][:9] + ["var_G"] * bool(cfg.grad_var_interval) + [dict(dpg="q_updates", ziegler="beta").get(
+        cfg.method)]
+    log(f"step {s['step']:>{len(str(n_steps))}}/{n_steps}  " + "  ".join(f"{LABELS[k]} {fmt(m[k])}" for k in shown if k)
+        + f"  {m['seconds']:.0f}s" + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
+    s["q_updated"], m = False, {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+    with open(path, "a") as file:                                       # JSON has no NaN or inf: null
+        file.write(json.dumps(m) + "\n")
+    return m
 
 def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     """Fine-tune π from a toward p, writing OUT/config.json, metrics.jsonl, checkpoint.pt and π; return π, metrics."""
@@ -539,27 +560,6 @@ def read_checkpoint(out):
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         raise BadInput(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start again with --overwrite")
-
-def fmt(values): return "/".join(f"{round(v, 6) + 0.0:.3g}" for v in (values if isinstance(values, list) else [values]))
-
-# metrics.jsonl key → its label in a step's line and in `plot` (Figs. 3, 5 and 2); README "Metrics" says more
-LABELS = dict(E_pi_phi="E_π φ", kl_p_pi="KL(p‖π)", kl_pi_a="KL(π‖a)", tvd_p_pi="TVD(p,π)", self_bleu_5="Self-BLEU-5",
-              distinct_1="Distinct-1", Z_hat="Ẑ", mean_abs_A="mean|A|", var_A="Var(A)", var_G="Var(G)",
-              q_updates="q updates", beta="β", mean_P_q="P/q", mean_Zpi_q="Ẑ·π/q", mean_A="mean A")
-
-def log_metrics(cfg, s, texts, m, n_steps, path, log):
-    """Print a step's line and three samples of π; append the step's metrics to OUT/metrics.jsonl."""
-    m = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, kl_p_pi=s["kl_p_pi"], tvd_p_pi=s["tvd_p_pi"],
-             kl_p_q=s["kl_p_q"], Z_hat=s["Z_hat"], **s["batch"], var_G=s["var_G"], ess_P_q=s["ess_q"],
-             q_updated=s["q_updated"], q_updates=s["q_updates"], beta=s["beta"], seconds=round(s["seconds"], 1))
-    shown = [*LABELS][:9] + ["var_G"] * bool(cfg.grad_var_interval) + [dict(dpg="q_updates", ziegler="beta").get(
-        cfg.method)]
-    log(f"step {s['step']:>{len(str(n_steps))}}/{n_steps}  " + "  ".join(f"{LABELS[k]} {fmt(m[k])}" for k in shown if k)
-        + f"  {m['seconds']:.0f}s" + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
-    s["q_updated"], m = False, {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
-    with open(path, "a") as file:                                       # JSON has no NaN or inf: null
-        file.write(json.dumps(m) + "\n")
-    return m
 
 # --- Command line: `python dpg_min.py [flags]` (figures/plot.py draws the paper's figures from the runs' logs)
 RESUMABLE = ("steps", "samples", "lr", "device", "save_interval", "resume")     # change neither past nor task

@@ -5,7 +5,7 @@ import os
 import shutil
 
 # transformers reads this at import time: with it, a missing model fails at once instead of after
-# ~25 s of network retries (ENV_NOTES). Set before anything imports transformers.
+# ~25 s of network retries (measured here). Set before anything imports transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread per process, set before torch is imported (subprocesses inherit it). The tiny models are far too
 # small to gain from two threads, and when another process holds a core, OpenMP's spinning threads make every
