@@ -1,4 +1,4 @@
-"""dpg_min: GDC++ (KL-adaptive DPG with the baseline Z·π/q) in one readable file. python dpg_min.py --help
+"""dpg_min: GDC++ (KL-adaptive DPG with the baseline Z·π/q) in one readable file.
 
 Korbak, Elsahar, Kruszewski, Dymetman, "On Reinforcement Learning and Distribution Matching for Fine-Tuning
 Language Models with no Catastrophic Forgetting", NeurIPS 2022. Distribution matching writes down the target
@@ -579,7 +579,8 @@ def parse_config(argv):
                                      f"the default is that of {GDC}configs/gdc++/*.json (the paper's own runs)")
     parser.error = refuse                                               # one line, not the usage text
     for x in fields(Config):
-        default = f" [default: {x.default}" + (f", tiny: {TINY[x.name]}]" if x.name in TINY else "]")
+        default = (f" [default: {x.default}" + (f", tiny: {TINY[x.name]}]" if x.name in TINY else "]")) * (
+            x.default not in ("", None, False))
         kind = dict(action="store_true") if x.type is bool else dict(type=x.type, metavar=x.name.upper())
         parser.add_argument("--" + x.name.replace("_", "-"), default=None, help=x.metadata["help"] + default, **kind)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
