@@ -35,16 +35,19 @@ def plot(argv):
         import matplotlib.pyplot as plt
     except ImportError:
         refuse("plot needs matplotlib, which is optional: pip install matplotlib")
-    tasks, seeds, n = {c.task for c, _ in runs}, {c.seed for c, _ in runs}, len(keys)
+    tasks, seeds, n, colours = {c.task for c, _ in runs}, sorted({c.seed for c, _ in runs}), len(keys), {}
+    styles = ("-", "--", ":", "-.")                     # a style per seed, or per feature of E_π φ
     fig, axes = plt.subplots(-(-n // 3), min(3, n), squeeze=False, figsize=(4.2 * min(3, n), 3.2 * -(-n // 3)))
     table = [f"| run | samples | E_π φ | KL(p‖π) | KL(π‖a) | TVD(p,π) | Self-BLEU-5 | Distinct-1 | samples to E_π φ ≥ "
              f"{args.reach:g} | mean \\|A\\| | mean Var(A) | mean Var(G) |\n" + "|---" * 12 + "|"]
-    for colour, (c, rows) in enumerate(runs):
-        label = f"{method_name(c)} B={c.batch_size}" + f" {c.task}" * (len(tasks) > 1) + f" seed {c.seed}" * (len(seeds) > 1)
+    for c, rows in runs:                                # a colour per method (and task), a line style per seed
+        name = f"{method_name(c)} B={c.batch_size}" + f" {c.task}" * (len(tasks) > 1)
+        label, colour = name + f" seed {c.seed}" * (len(seeds) > 1), f"C{colours.setdefault(name, len(colours))}"
         for ax, key in zip(axes.flat, keys):
             points = [(r["samples"], r[key]) for r in rows if r.get(key) is not None]
-            for line, style in zip(ax.plot(*zip(*points), color=f"C{colour}", label=label) if points else [],
-                                   ("-", "--", ":", "-.")):
+            lines = ax.plot(*zip(*points), color=colour, linestyle=styles[seeds.index(c.seed) % 4], label=label) \
+                if points else []
+            for line, style in zip(lines if len(lines) > 1 else [], styles):
                 line.set_linestyle(style)                               # E_π φ of k features: k lines
             ax.set(title=LABELS.get(key, key), xlabel="training samples", yscale="log" if key[:4] == "var_" else "linear")
         last, means = rows[-1], [[r[k] for r in rows if r.get(k) is not None] for k in ("mean_abs_A", "var_A", "var_G")]
