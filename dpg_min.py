@@ -39,7 +39,7 @@ class Config:
                       (METHODS.__contains__, "dpg, reinforce or ziegler"))
     baseline: bool = arg(False, "dpg: GDC++, with the baseline Z·π/q (Alg. 1 line 5); reinforce: E R (eq. 12)")
     # model and sampling
-    model: str = arg("gpt2", "a: an HF causal LM, name or path (paper: gpt2), or tiny (random, offline)")
+    model: str = arg("gpt2", "a: an HF causal LM: name, folder or .gguf file (paper: gpt2), or tiny (random, offline)")
     seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POS)
     # optimisation
     batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POS)
@@ -241,10 +241,13 @@ def build_tiny(words, seed=0, n_layer=2, n_embd=64, n_head=2, max_len=64, labels
                                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 def from_pretrained(auto_class, name, flag):
-    """transformers' `auto_class` model and its tokenizer, by HF name or path, or one line of BadInput."""
+    """transformers' `auto_class` model and its tokenizer, by HF name, folder or PATH.gguf, or one line of BadInput."""
     transformers.utils.logging.set_verbosity_error()        # no retry chatter: one line if it fails
+    folder, file = os.path.split(os.path.abspath(name)) if name.endswith(".gguf") else (name, None)   # llama.cpp's
     try:
-        return getattr(transformers, auto_class).from_pretrained(name), transformers.AutoTokenizer.from_pretrained(name)
+        model = getattr(transformers, auto_class).from_pretrained(folder, gguf_file=file)   # a GGUF's weights in fp32
+        if file: del model.config.quantization_config, model.hf_quantizer   # its note of them blocks save_pretrained
+        return model, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
     except (OSError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise BadInput(f"cannot load {flag} {name!r} ({why}); with no network, use {flag} tiny") from None
@@ -413,8 +416,7 @@ def ppo_update(pi, v_head, a, ids, log_P, s, cfg, opt, sched, step):
             A_mb = (A[mb] - A[mb].mean()) / torch.sqrt(A[mb].var() + 1e-8)     # whitened per minibatch, as GDC
             opt.zero_grad()
             ppo_loss(logp, logp_old[mb], A_mb, V, V_old[mb], returns[mb])[0].backward()
-            check_finite(step, {"PPO gradient": grad_norm(opt)})
-            opt.step(), sched.step()
+            check_finite(step, {"PPO gradient": grad_norm(opt)}), opt.step(), sched.step()
     s["beta"] = adaptive_beta(s["beta"], (logp_old - logp_a).sum(1).mean().item(), cfg.kl_target, cfg.kl_horizon,
                               len(ids))
     return A
@@ -462,8 +464,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
 
     def score(ids, lam):
         """log a(x), φ(x) and log P(x) of samples ids (N, T + 1)."""
-        with torch.no_grad():
-            logp_a = sequence_logprob(a, ids, f)
+        logp_a = sequence_logprob(a, ids, f)                            # a is frozen: no graph is built
         phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:].tolist()), wordlists, classify).to(device)
         return logp_a, phi, log_P_of(logp_a, phi, mu_bar, lam)
     soft, nan = [m for m in mu_bar if m not in (0, 1)], math.nan
@@ -514,8 +515,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 for i in range(0, B, f):
                     logp_pi.append(sequence_logprob(pi, ids[i:i + f], f))
                     loss, A_i = method_loss(cfg, logp_pi[-1], logp_q, log_P, s["Z_hat"], slice(i, i + f))
-                    (loss * len(A_i) / B).backward()
-                    A.append(A_i)
+                    (loss * len(A_i) / B).backward(), A.append(A_i)
                 A, logp_pi = torch.cat(A), torch.cat(logp_pi).detach()
                 check_finite(step, {"advantage A": A, "gradient norm": grad_norm(opt)})
                 opt.step(), sched.step()                                # line 6: θ ← θ + α·∇
