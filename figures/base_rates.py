@@ -44,9 +44,13 @@ def base_rates(argv):
         print(f"\n{f}: {hits[0][:160]!r}" if hits else f"\n{f}: none")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     try:
-        base_rates(sys.argv[1:])
+        base_rates(sys.argv[1:] if argv is None else argv)
     except BadInput as e:
-        print(f"figures/base_rates.py: error: {e}", file=sys.stderr)
+        print(f"base_rates.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -189,3 +189,51 @@ def test_toy_exact_trajectory_command_prints_the_summary_and_draws_it(tmp_path):
     assert "Var(G) is lower with the baseline Z·π/q than without at" in result.stdout
     assert f"wrote {tmp_path / 't.png'}" in result.stdout and "D_KL(p‖π) estimates" in result.stdout
     assert (tmp_path / "t.png").read_bytes()[:8] == PNG and (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"figures_{name}", os.path.join(ROOT, "figures", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_base_rates_prints_every_feature_and_a_sample_that_meets_it(capsys):
+    load_script("base_rates").main(["--model", "tiny", "--seq-len", "10", "--samples", "64", "--seed", "1"])
+    printed = capsys.readouterr().out
+    rows = {r[0]: r for r in table_of(printed)[2:]}
+    assert set(rows) == {"`word:amazing`", "`word:WikiLeaks`", "`list:politics`", "`list:science`", "`female`",
+                         "`list:art`", "`list:sports`", "`list:business`"}       # sentiment: no classifier given
+    for row in rows.values():
+        assert float(row[1].rstrip("%")) == pytest.approx(100 * int(row[2]) / 64, abs=0.01)
+    assert "list:politics: '" in printed and int(rows["`list:politics`"][2]) > 0
+
+
+def test_compare_reloads_each_pi_and_prints_it_beside_a(two_runs, capsys, read_metrics):
+    load_script("compare").main([*two_runs, "--samples", "32", "--show", "2"])
+    printed = capsys.readouterr().out
+    rows = table_of(printed)
+    assert rows[0][:4] == ["model", "from", "E_pi_phi", "kl_pi_a"] and [r[0] for r in rows[2:]] == ["a", "GDC", "GDC++"]
+    assert abs(float(rows[2][3])) < 1e-3 and float(rows[4][3]) > 0.01      # KL(a‖a) = 0; π moved away from a
+    assert rows[3][1] == two_runs[0] and printed.count("\n    '") == 6     # two samples of each of the 3 models
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("compare", ["/no/such/run"], "'/no/such/run' holds no dpg_min run"),
+    ("compare", ["RUN", "--samples", "0"], "--samples must be a positive integer"),
+    ("base_rates", ["--samples", "-1"], "must be positive integers"),
+    ("base_rates", ["--model", "/no/such/model"], "cannot load --model '/no/such/model'"),
+    ("cost", ["--batch-size", "0"], "must be positive integers"),
+])
+def test_the_figure_scripts_bad_input_is_one_line_exit_2(two_runs, capsys, script, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main([two_runs[0] if a == "RUN" else a for a in args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and err.splitlines() == [err], err
+
+
+def test_cost_times_a_step_a_q_check_and_an_evaluation(capsys):
+    load_script("cost").main(["--model", "tiny", "--batch-size", "4", "--seq-len", "4", "--q-update-interval", "2"])
+    printed = capsys.readouterr().out
+    assert "B = 4, T = 4, K = 2" in printed and "a q-check of 8 samples" in printed and "peak RSS" in printed
+    assert len(re.findall(r"per \w[\w -]* sample \d+\.\d{3} s", printed)) == 3
