@@ -43,14 +43,15 @@ def compare(argv):
         phi = phi_matrix(features, tokenizer.batch_decode(ids[:, 1:].tolist()), wordlists, classify)
         return logp_a, phi, log_P_of(logp_a, phi, mu_bar, lam)
 
-    rows, shown = [], []
-    for name, path, ckpt in [("a", None, ckpts[0])] + [(method_name(c), r, k) for c, r, k in zip(cfgs, args.runs, ckpts)]:
+    rows, shown, models = [], [], [("a", None, ckpts[0])] + list(zip(map(method_name, cfgs), args.runs, ckpts))
+    for name, path, ckpt in models:
         model = AutoModelForCausalLM.from_pretrained(path).eval() if path else a     # π as the run saved it
         torch.manual_seed(args.seed)
         lam = ckpt["s"]["lam"].cpu()                    # λ of the soft features (none on a pointwise task)
         texts, m = evaluate(model, lambda ids: score(ids, lam), args.samples, cfg.seq_len, bos,
                             cfg.forward_batch_size, tokenizer, args.samples, ckpt["s"]["Z_hat"])
-        rows.append(f"| {name} | {path or cfg.model} | " + " | ".join(fmt(m[k]) for k in KEYS) + " |")
+        cells = [name, path or os.path.basename(cfg.model)] + [fmt(m[k]) for k in KEYS]
+        rows.append("| " + " | ".join(cells) + " |")
         shown.append(f"\n{name}:" + "".join(f"\n    {t!r}" for t in texts[:args.show]))
     print(f"{args.samples} exact samples of T = {cfg.seq_len} tokens from each model, seed {args.seed}; "
           f"KL(p‖π) on them with Z = {fmt(ckpts[0]['s']['Z_hat'])} (the first run's Ẑ)\n")
