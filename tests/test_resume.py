@@ -144,7 +144,7 @@ def test_a_nan_stop_is_one_line_exit_1_naming_the_checkpoint_and_resume_goes_on(
     out = str(tmp_path / "run")
     token_logprobs = dm.token_logprobs
     monkeypatch.setattr(dm, "token_logprobs", lambda model, ids, v_head=None: token_logprobs(model, ids, v_head) * (
-        float("nan") if torch.is_grad_enabled() else 1.0))
+        float("nan") if torch.is_grad_enabled() and next(model.parameters()).requires_grad else 1.0))  # π's pass
     code, err = main_exit(["--model", "tiny", "--task", "politics", "--steps", "2", "--batch-size", "16",
                            "--eval-samples", "16", "--seq-len", "8", "--baseline", "--out", out], capsys)
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith("dpg_min.py: stopped: step 1:") and "--lr" in err
