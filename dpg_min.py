@@ -195,6 +195,8 @@ def batch_stats(A, log_P, logp_q, logp_pi, Z_hat, dpg):
 
 # --- LM plumbing. ids (B, T + 1) is BOS then T tokens, and log m(x) = Σ_{t=1..T} log m(y_t | BOS, y_<t). No EOS
 # stop (as GDC): all x have T tokens. No forward pass, sampling included, takes over --forward-batch-size rows.
+def bos_of(tokenizer): return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
 @torch.no_grad()
 def sample(model, n, T, bos_id, chunk=256):
     """n exact ancestral samples of T tokens: ids (n, T + 1), log m(x) (n,) in float64. Not `generate`, whose
@@ -321,8 +323,7 @@ def load_task(cfg):
         if (bad := [i for i, w in lines if not re.fullmatch(r"\w+", w)]) or not lines:
             raise BadInput(f"--wordlist {cfg.wordlist!r} must hold one word (letters and digits) per line: "
                            + (f"line {bad[0]} is not one" if bad else "found no words"))
-        wordlists[cfg.wordlist] = tuple(w.lower() for _, w in lines)
-        task.append((f"list:{cfg.wordlist}", 1.0))
+        wordlists[cfg.wordlist], task = tuple(w.lower() for _, w in lines), task + [(f"list:{cfg.wordlist}", 1.0)]
     if not task and cfg.task not in TASKS:
         raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or give --word or --wordlist")
     features, mu_bar = map(list, zip(*(task or TASKS[cfg.task])))
@@ -449,8 +450,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     """Fine-tune π from a toward p, writing OUT/config.json, metrics.jsonl, checkpoint.pt and π; return π, metrics."""
     (features, mu_bar, wordlists), device = task, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     B, f, T, K = cfg.batch_size, cfg.forward_batch_size, cfg.seq_len, cfg.q_update_interval
-    n_steps = n_steps_of(cfg, mu_bar)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    n_steps, bos = n_steps_of(cfg, mu_bar), bos_of(tokenizer)
     classify = load_classifier(cfg.classifier, device) if any(x.startswith("sentiment:") for x in features) else None
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     # a is frozen; the proposal q and the policy π_θ start as a. All stay in eval mode, without dropout: the π we

@@ -7,7 +7,7 @@ import argparse, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # dpg_min.py, one folder up
 import torch  # noqa: E402
-from dpg_min import TASKS, BadInput, load_classifier, load_lm, phi_matrix, refuse, sample  # noqa: E402
+from dpg_min import TASKS, BadInput, bos_of, load_classifier, load_lm, phi_matrix, refuse, sample  # noqa: E402
 
 
 def base_rates(argv):
@@ -29,8 +29,7 @@ def base_rates(argv):
     classify = load_classifier(args.classifier, "cpu") if args.classifier else None
     torch.manual_seed(args.seed)
     t0 = time.time()
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id   # as train
-    ids, _ = sample(a, args.samples, args.seq_len, bos, args.forward_batch_size)
+    ids, _ = sample(a, args.samples, args.seq_len, bos_of(tokenizer), args.forward_batch_size)
     texts = tokenizer.batch_decode(ids[:, 1:].tolist())
     phi = phi_matrix(features, texts, classify=classify)
     print(f"{args.model}: {args.samples} samples of T = {args.seq_len} tokens in {time.time() - t0:.0f} s\n")

@@ -8,7 +8,7 @@ import argparse, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # dpg_min.py, one folder up
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from dpg_min import (BadInput, Config, evaluate, fmt, load_classifier, load_lm, load_task, log_P_of,  # noqa: E402
+from dpg_min import (BadInput, bos_of, Config, evaluate, fmt, load_classifier, load_lm, load_task, log_P_of,  # noqa: E402
                      method_name, phi_matrix, read_checkpoint, refuse, saved_flags, sequence_logprob)
 
 KEYS = ("E_pi_phi", "kl_pi_a", "kl_p_pi_on_pi", "self_bleu_3", "self_bleu_4", "self_bleu_5", "distinct_1",
@@ -36,7 +36,6 @@ def compare(argv):
     features, mu_bar, wordlists = load_task(cfg)
     a, tokenizer = load_lm(cfg.model)
     classify = load_classifier(cfg.classifier, "cpu") if any(f.startswith("sentiment:") for f in features) else None
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id   # as train
 
     def score(ids, lam):
         logp_a = sequence_logprob(a, ids, cfg.forward_batch_size)
@@ -48,7 +47,7 @@ def compare(argv):
         model = AutoModelForCausalLM.from_pretrained(path).eval() if path else a     # π as the run saved it
         torch.manual_seed(args.seed)
         lam = ckpt["s"]["lam"].cpu()                    # λ of the soft features (none on a pointwise task)
-        texts, m = evaluate(model, lambda ids: score(ids, lam), args.samples, cfg.seq_len, bos,
+        texts, m = evaluate(model, lambda ids: score(ids, lam), args.samples, cfg.seq_len, bos_of(tokenizer),
                             cfg.forward_batch_size, tokenizer, args.samples, ckpt["s"]["Z_hat"])
         cells = [name, path or os.path.basename(cfg.model)] + [fmt(m[k]) for k in KEYS]
         rows.append("| " + " | ".join(cells) + " |")

@@ -7,7 +7,7 @@ import argparse, copy, os, resource, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # dpg_min.py, one folder up
 import torch  # noqa: E402
-from dpg_min import BadInput, dpg_loss, load_lm, refuse, sample, sequence_logprob  # noqa: E402
+from dpg_min import BadInput, bos_of, dpg_loss, load_lm, refuse, sample, sequence_logprob  # noqa: E402
 
 
 def timed(f):
@@ -30,7 +30,7 @@ def cost(argv):
     a, tokenizer = load_lm(args.model)
     a.eval().requires_grad_(False)
     pi, B, T, K = copy.deepcopy(a).requires_grad_(True), args.batch_size, args.seq_len, args.q_update_interval
-    opt, bos = torch.optim.Adam(pi.parameters(), lr=1e-6), tokenizer.bos_token_id or tokenizer.eos_token_id
+    opt, bos = torch.optim.Adam(pi.parameters(), lr=1e-6), bos_of(tokenizer)
 
     def step():                                 # Algorithm 1 lines 3-6, as train does them for DPG (q = a here)
         ids, logp_q = sample(a, B, T, bos, B)
