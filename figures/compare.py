@@ -8,8 +8,8 @@ import argparse, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # dpg_min.py, one folder up
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from dpg_min import (BadInput, bos_of, Config, evaluate, fmt, load_classifier, load_lm, load_task, log_P_of,  # noqa: E402
-                     method_name, phi_matrix, read_checkpoint, refuse, saved_flags, sequence_logprob)
+from dpg_min import (BadInput, Config, bos_of, evaluate, fmt, load_classifier, load_lm, load_task,  # noqa: E402
+                     log_P_of, method_name, phi_matrix, read_checkpoint, refuse, saved_flags, sequence_logprob)
 
 KEYS = ("E_pi_phi", "kl_pi_a", "kl_p_pi_on_pi", "self_bleu_3", "self_bleu_4", "self_bleu_5", "distinct_1",
         "distinct_2", "distinct_3")
