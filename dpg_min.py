@@ -66,13 +66,12 @@ class Config:
     seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POSITIVE)
     # optimisation
     batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POSITIVE)
-    forward_batch_size: int = arg(32, "rows per forward pass: bounds memory, not results (GDC++)",
-                                  POSITIVE)
+    forward_batch_size: int = arg(32, "rows per forward pass: memory, not results (GDC++)", POSITIVE)
     samples: int = arg(None, "training samples (GDC++: 6.4M if pointwise, else 8.4M)", POSITIVE)
     steps: int = arg(None, "gradient steps; overrides --samples", POSITIVE)
     lr: float = arg(1.41e-5, "Adam's learning rate (GDC++)", FINITE)
     warmup: int = arg(100, "steps of linear warm-up (GDC++)", NATURAL)
-    q_update_interval: int = arg(10, "K: every K steps, Ẑ on K·B samples of q, maybe q ← π (GDC++)",
+    q_update_interval: int = arg(10, "K: Ẑ on K·B samples of q, maybe q ← π, every K steps (GDC++)",
                                  POSITIVE)
     # Ziegler: PPO with an adaptive KL penalty, as naver/gdc@a59c5b7 rm_vs_dm/gdc/gdc/ppo.py
     ppo_epochs: int = arg(1, "ziegler: passes over each batch", POSITIVE)
@@ -86,7 +85,7 @@ class Config:
     # evaluation and output
     eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
     eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
-    diversity_samples: int = arg(500, f"Distinct-n, Self-BLEU-n on as many ({GDC}gdc/metrics.py)",
+    diversity_samples: int = arg(500, f"of those, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics.py)",
                                  POSITIVE)
     grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
     grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
@@ -321,9 +320,7 @@ def build_tiny(words, seed=0, labels=None, **sizes):
     from `seed`; `sizes` change TINY_SIZES."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-    vocab = {"<|endoftext|>": 0, "<unk>": 1}
-    for w in dict.fromkeys(words):
-        vocab[w] = len(vocab)
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", *dict.fromkeys(words)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(
@@ -591,10 +588,8 @@ def evaluate(pi, target, n, cfg, Z):
     m = dict(E_pi_phi=phi.mean(0).tolist(), kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
              kl_p_pi_on_pi=kl_p_m(log_P, logp_pi, logp_pi, Z).item(),
              tvd_p_pi_on_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z).item())
-    for k in (1, 2, 3):
-        m[f"distinct_{k}"] = distinct_n(diverse, k)
-    for k, bleu in zip((3, 4, 5), self_bleu(diverse, (3, 4, 5))):
-        m[f"self_bleu_{k}"] = bleu
+    m.update({f"distinct_{n}": distinct_n(diverse, n) for n in (1, 2, 3)})
+    m.update(zip(("self_bleu_3", "self_bleu_4", "self_bleu_5"), self_bleu(diverse, (3, 4, 5))))
     return texts, m
 
 def q_check(log_P, logp_q, logp_pi, Z):
