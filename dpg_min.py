@@ -66,7 +66,8 @@ class Config:
     seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POSITIVE)
     # optimisation
     batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POSITIVE)
-    forward_batch_size: int = arg(32, "rows per forward pass: memory, not results (GDC++)", POSITIVE)
+    forward_batch_size: int = arg(32, "rows a forward pass: sets memory, not results (GDC++)",
+                                  POSITIVE)
     samples: int = arg(None, "training samples (GDC++: 6.4M if pointwise, else 8.4M)", POSITIVE)
     steps: int = arg(None, "gradient steps; overrides --samples", POSITIVE)
     lr: float = arg(1.41e-5, "Adam's learning rate (GDC++)", FINITE)
@@ -85,7 +86,7 @@ class Config:
     # evaluation and output
     eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
     eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
-    diversity_samples: int = arg(500, f"of those, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics.py)",
+    diversity_samples: int = arg(500, f"of those, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics)",
                                  POSITIVE)
     grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
     grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
