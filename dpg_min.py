@@ -86,7 +86,7 @@ class Config:
     # evaluation and output
     eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
     eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
-    diversity_samples: int = arg(500, f"of those, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics)",
+    diversity_samples: int = arg(500, f"of them, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics.py)",
                                  POSITIVE)
     grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
     grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
