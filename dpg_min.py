@@ -180,12 +180,10 @@ def grad_variance(params, losses):
     params = [p for p in params if p.requires_grad]
     total = 0.0
     sq = 0.0
-    n = 0
-    for loss in losses:
+    for n, loss in enumerate(losses, 1):
         g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)]).double()
         total = total + g
         sq = sq + (g @ g).item()
-        n += 1
     return sq / n - (total @ total).item() / n ** 2
 
 def estimate_Z(log_P, logp_q):
@@ -812,9 +810,8 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     if ckpt is not None and ckpt["s"]["step"] >= n_steps:
         raise BadInput(f"--resume {cfg.out!r}: the run has finished its {ckpt['s']['step']} steps; "
                        f"give --steps above {ckpt['s']['step']} to train it further")
-    classify = None
-    if any(x.startswith(SENTIMENT) for x in task.features):
-        classify = load_classifier(cfg.classifier, device)
+    sentiment = any(x.startswith(SENTIMENT) for x in task.features)
+    classify = load_classifier(cfg.classifier, device) if sentiment else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
