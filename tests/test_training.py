@@ -112,23 +112,31 @@ def test_ppo_update_starts_at_ratio_one_steps_once_per_minibatch_and_adapts_beta
     """π_old is π at the start of the update, so the first minibatch has ρ = 1; after Adam steps ρ moves.
     ppo_epochs × B / ppo_minibatch steps in all, and β moves toward its KL target (here: down, π = a)."""
     a = lm[0]
-    pi, ratios = dm.build_tiny(dm.tiny_vocab())[0].requires_grad_(True), []
+    pi = dm.build_tiny(dm.tiny_vocab())[0].requires_grad_(True)
     v_head = torch.nn.Linear(pi.config.hidden_size, 1)
-    ppo_loss = dm.ppo_loss
-    monkeypatch.setattr(dm, "ppo_loss", lambda *args: (lambda out: (ratios.append(out[1].detach()), out)[1])(
-        ppo_loss(*args)))
+    ratios = []
+    policy_loss = dm.ppo_policy_loss
+
+    def recording_policy_loss(*args):
+        loss, ratio = policy_loss(*args)
+        ratios.append(ratio.detach())
+        return loss, ratio
+
+    monkeypatch.setattr(dm, "ppo_policy_loss", recording_policy_loss)
     torch.manual_seed(0)
     ids, logp = dm.sample(pi, 32, 6, 0)
     log_P = torch.where(torch.arange(32) % 3 == 0, logp, torch.tensor(-math.inf, dtype=torch.float64))
     cfg = dm.Config(ppo_epochs=2, ppo_minibatch=8, forward_batch_size=16, kl_beta=0.2)
     opt = torch.optim.Adam(list(pi.parameters()) + list(v_head.parameters()), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    s = dict(beta=0.2, var_G=math.nan)
-    A = dm.ppo_update(pi, v_head, a, ids, log_P, s, cfg, opt, sched, step=1)
+    models = dm.Models(a, None, pi, v_head, opt, sched)
+    A, beta, var_G = dm.ppo_update(models, ids, log_P, 0.2, cfg, step=1)
     assert A.shape == (32, 6) and len(ratios) == 2 * 32 // 8 == sched.last_epoch
-    assert torch.allclose(ratios[0], torch.ones_like(ratios[0]), atol=1e-5) and (ratios[-1] - 1).abs().max() > 1e-3
-    assert s["beta"] == pytest.approx(dm.adaptive_beta(0.2, 0.0, cfg.kl_target, cfg.kl_horizon, 32), rel=1e-4)
-    assert s["beta"] < 0.2 and math.isnan(s["var_G"])                # no Var(G) unless asked for
+    assert torch.allclose(ratios[0], torch.ones_like(ratios[0]), atol=1e-5)
+    assert (ratios[-1] - 1).abs().max() > 1e-3
+    assert beta == pytest.approx(dm.adaptive_beta(0.2, 0.0, cfg.kl_target, cfg.kl_horizon, 32),
+                                 rel=1e-4)
+    assert beta < 0.2 and var_G is None                 # no Var(G) unless asked for
 
 
 def test_a_sentiment_task_trains_with_the_tiny_classifier(small_config, run_tiny, read_metrics):
@@ -149,7 +157,7 @@ def test_distributional_tasks_fit_lambda_for_the_soft_features_and_train(small_c
     assert "for μ̄ = 0.5" in lines[fit[0]] and not any(line.startswith("warning") for line in lines)
     final = read_metrics(cfg.out)[-1]
     assert len(final["E_pi_phi"]) == len(dm.TASKS[task]) and final["kl_p_pi"] is not None and final["var_G"] is None
-    lam = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=False)["s"]["lam"]
+    lam = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=False)["lam"]
     assert lam.shape == (1,) and lam.item() > 1                           # one soft feature, rare in a: λ > 0
 
 
@@ -274,3 +282,32 @@ def test_a_gpt2_with_the_real_vocabulary_and_context_runs_one_training_step(tmp_
     assert m["step"] == 1 and m["Z_hat"] > 0 and math.isfinite(m["kl_pi_a"])
     assert not torch.equal(pi.lm_head.weight, a.lm_head.weight)           # one step was taken
     assert {"model.safetensors", "config.json", "checkpoint.pt", "metrics.jsonl"} <= set(os.listdir(cfg.out))
+
+
+def test_generate_on_the_saved_policy_samples_as_training_did(method_runs, monkeypatch):
+    """The saved generation_config makes `generate` sample π's own softmax (no top-k 50, no top-p),
+    T tokens after BOS, and an EOS does not stop a row: every step's scores are the raw logits."""
+    from transformers import AutoModelForCausalLM
+    run = method_runs["gdcpp"]
+    pi = AutoModelForCausalLM.from_pretrained(run["out"]).eval()
+    config = pi.generation_config
+    assert (config.do_sample, config.top_k, config.top_p) == (True, 0, 1.0)
+    assert config.max_new_tokens == run["cfg"].seq_len and config.bos_token_id == 0
+    multinomial = torch.multinomial
+    calls = []
+
+    def eos_first(probs, num_samples, **kwargs):
+        calls.append(probs)
+        if len(calls) == 1:                     # every row draws EOS (id 0) first
+            return torch.zeros(len(probs), num_samples, dtype=torch.long)
+        return multinomial(probs, num_samples, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", eos_first)
+    torch.manual_seed(0)
+    out = pi.generate(num_return_sequences=4, output_scores=True, output_logits=True,
+                      return_dict_in_generate=True)
+    T = run["cfg"].seq_len
+    assert out.sequences.shape == (4, T + 1) and (out.sequences[:, 0] == 0).all()
+    assert (out.sequences[:, 1] == 0).all() and (out.sequences[:, 2:] != 0).any()   # went on
+    assert len(out.scores) == T == len(calls)
+    assert all(torch.equal(s, logits) for s, logits in zip(out.scores, out.logits))
