@@ -1,5 +1,5 @@
-"""Shared test setup: no model hub, one CPU thread, deterministic Hypothesis; the tiny LM, helpers, and the
-tiny runs that several test modules read (trained once per session)."""
+"""Shared test setup: no model hub, one CPU thread, deterministic Hypothesis; the tiny LM,
+helpers, and the tiny runs that several test modules read (trained once per session)."""
 import json
 import os
 import shutil
@@ -7,9 +7,10 @@ import shutil
 # transformers reads this at import time: with it, a missing model fails at once instead of after
 # ~25 s of network retries (measured here). Set before anything imports transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One thread per process, set before torch is imported (subprocesses inherit it). The tiny models are far too
-# small to gain from two threads, and when another process holds a core, OpenMP's spinning threads make every
-# op ~15x slower (a 2-step run: 1.4 s with one thread, 21 s with two, at load 5 on 2 cores).
+# One thread per process, set before torch is imported (subprocesses inherit it). The tiny models
+# are far too small to gain from two threads, and when another process holds a core, OpenMP's
+# spinning threads make every op ~15x slower (a 2-step run: 1.4 s with one thread, 21 s with two,
+# at load 5 on 2 cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -23,17 +24,23 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=50
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# A tiny-model run small enough for a fraction of a second (fields not named keep the Config defaults).
-SMALL = dict(model="tiny", batch_size=16, forward_batch_size=16, seq_len=8, steps=2, eval_interval=1,
-             eval_samples=16, diversity_samples=16, lambda_samples=1024, q_update_interval=1, lr=1e-3, warmup=0,
-             classifier="tiny")
+# A tiny-model run small enough for a fraction of a second (fields not named keep the Config
+# defaults).
+SMALL = dict(model="tiny", batch_size=16, forward_batch_size=16, seq_len=8, steps=2,
+             eval_interval=1, eval_samples=16, diversity_samples=16, lambda_samples=1024,
+             q_update_interval=1, lr=1e-3, warmup=0, classifier="tiny")
 
-# The four methods of §4.3 on `politics` (base rate ~18% at T = 10), 10 steps: enough for each to raise E_π φ.
-METHOD_RUNS = dict(gdc=dict(method="dpg", baseline=False), gdcpp=dict(method="dpg", baseline=True),
-                   reinforce=dict(method="reinforce", baseline=True), ziegler=dict(method="ziegler", baseline=False))
-METHOD_SETTINGS = dict(task="politics", batch_size=64, forward_batch_size=64, seq_len=10, steps=10, lr=3e-3,
-                       eval_interval=10, eval_samples=256, q_update_interval=5, ppo_minibatch=32,
-                       grad_var_interval=10, grad_var_samples=32)
+# The four methods of §4.3 on `politics` (base rate ~18% at T = 10), 10 steps: enough for each to
+# raise E_π φ.
+METHOD_RUNS = dict(
+    gdc=dict(method="dpg", baseline=False),
+    gdcpp=dict(method="dpg", baseline=True),
+    reinforce=dict(method="reinforce", baseline=True),
+    ziegler=dict(method="ziegler", baseline=False),
+)
+METHOD_SETTINGS = dict(task="politics", batch_size=64, forward_batch_size=64, seq_len=10, steps=10,
+                       lr=3e-3, eval_interval=10, eval_samples=256, q_update_interval=5,
+                       ppo_minibatch=32, grad_var_interval=10, grad_var_samples=32)
 
 
 def _read_metrics(out):
@@ -67,23 +74,34 @@ def files_of():
 
 @pytest.fixture(scope="session")
 def without_seconds():
-    """without_seconds(rows): metrics rows minus wall-clock time, the one field that may differ between equal runs."""
-    return lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    """without_seconds(rows): metrics rows minus wall-clock time, the one field that may differ
+    between equal runs."""
+    def without_seconds(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return without_seconds
 
 
 @pytest.fixture(scope="session")
 def run_tiny(lm):
-    """run_tiny(cfg, log=None, ckpt=None) -> (π, last metrics, log lines): dm.train in-process on the tiny a."""
+    """run_tiny(cfg, log=None, ckpt=None) -> (π, last metrics, log lines): dm.train in-process on
+    the tiny a."""
     def run(cfg, log=None, ckpt=None):
         lines = []
-        pi, m = dm.train(cfg, dm.load_task(cfg), *lm, ckpt, log=lambda line: (lines.append(line), log and log(line)))
+
+        def keep_and_log(line):
+            lines.append(line)
+            if log:
+                log(line)
+
+        pi, m = dm.train(cfg, dm.load_task(cfg), *lm, ckpt, log=keep_and_log)
         return pi, m, lines
     return run
 
 
 @pytest.fixture
 def small_config(tmp_path):
-    """small_config(name="run", **changes): a dm.Config of a SMALL tiny run writing to tmp_path/name."""
+    """small_config(name="run", **changes): a dm.Config of a SMALL tiny run writing to
+    tmp_path/name."""
     def make(name="run", **changes):
         return dm.Config(**{**SMALL, "out": str(tmp_path / name), **changes})
     return make
@@ -91,9 +109,10 @@ def small_config(tmp_path):
 
 @pytest.fixture(scope="session")
 def method_runs(run_tiny, tmp_path_factory):
-    """{gdc, gdcpp, reinforce, ziegler: dict(cfg, out, pi, m, lines)}: each method trained once for the session.
-    Tests that read them must not write into their folders (copy them first)."""
-    root, runs = tmp_path_factory.mktemp("methods"), {}
+    """{gdc, gdcpp, reinforce, ziegler: dict(cfg, out, pi, m, lines)}: each method trained once for
+    the session. Tests that read them must not write into their folders (copy them first)."""
+    root = tmp_path_factory.mktemp("methods")
+    runs = {}
     for name, method in METHOD_RUNS.items():
         cfg = dm.Config(**{**SMALL, **METHOD_SETTINGS, **method, "out": str(root / name)})
         pi, m, lines = run_tiny(cfg)
@@ -103,7 +122,8 @@ def method_runs(run_tiny, tmp_path_factory):
 
 @pytest.fixture
 def copy_run(tmp_path):
-    """copy_run(out, name): a copy of a run folder under tmp_path, to change without touching the original."""
+    """copy_run(out, name): a copy of a run folder under tmp_path, to change without touching the
+    original."""
     def copy(out, name="copy"):
         return shutil.copytree(out, tmp_path / name)
     return copy

@@ -1,5 +1,5 @@
-"""The command line: flags and presets, every bad input (one line on stderr, exit 2, nothing changed), the
-program end to end, a closed stdout, and the size of the two programs."""
+"""The command line: flags and presets, every bad input (one line on stderr, exit 2, nothing
+changed), the program end to end, a closed stdout, and the size of the two programs."""
 import importlib.util
 import json
 import os
@@ -38,7 +38,8 @@ def test_every_config_field_has_a_flag_in_help(monkeypatch, capsys):
         assert "--" + f.name.replace("_", "-") in help_text, f.name
     for task in dm.TASKS:
         assert task in help_text
-    assert "[default: 1.41e-05, tiny: 0.001]" in help_text        # the paper's default and the tiny preset's
+    # the paper's default and the tiny preset's
+    assert "[default: 1.41e-05, tiny: 0.001]" in help_text
 
 
 def test_tiny_presets_yield_to_flags_and_the_defaults_are_the_papers(tmp_path):
@@ -46,17 +47,20 @@ def test_tiny_presets_yield_to_flags_and_the_defaults_are_the_papers(tmp_path):
     assert cfg.lr == 0.5 and all(getattr(cfg, k) == v for k, v in dm.TINY.items() if k != "lr")
     cfg = dm.parse_config(["--out", str(tmp_path / "o")])
     assert cfg == replace(dm.Config(), out=str(tmp_path / "o"))
-    assert (cfg.model, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.q_update_interval, cfg.lambda_samples, cfg.seed) == (
-        "gpt2", 512, 40, 1.41e-5, 10, 10240, 12)
-    assert dm.n_steps_of(cfg, [1.0]) == 12500 and dm.n_steps_of(cfg, [0.5]) == 16407   # 6.4M and 8.4M samples
+    got = (cfg.model, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.q_update_interval,
+           cfg.lambda_samples, cfg.seed)
+    assert got == ("gpt2", 512, 40, 1.41e-5, 10, 10240, 12)
+    # 6.4M and 8.4M samples
+    assert dm.n_steps_of(cfg, [1.0]) == 12500 and dm.n_steps_of(cfg, [0.5]) == 16407
 
 
 # -- bad input ------------------------------------------------------------------------------------
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
-# Every bad input: (args, what the one line says). Stand-ins: EMPTY an empty word list, BADLINE a word list
-# whose line 3 is not a word, NOCKPT a run with no checkpoint, DAMAGED a run whose checkpoint.pt is cut short.
+# Every bad input: (args, what the one line says). Stand-ins: EMPTY an empty word list, BADLINE a
+# word list whose line 3 is not a word, NOCKPT a run with no checkpoint, DAMAGED a run whose
+# checkpoint.pt is cut short.
 BAD = [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
@@ -68,7 +72,8 @@ BAD = [
     (["--wordlist", "/no/such/file.txt"], "cannot read --wordlist"),
     (["--wordlist", "EMPTY", "--moments", "0.5"], "found no words"),
     (["--wordlist", "BADLINE"], "line 3 is not one"),
-    (["--word", "two words"], "argument --word: must be a word (letters and digits), got 'two words'"),
+    (["--word", "two words"],
+     "argument --word: must be a word (letters and digits), got 'two words'"),
     (["--word", ""], "argument --word: must be a word (letters and digits), got ''"),
     (["--task="], '--task "": give it a value'),
     (["--model", ""], '--model "": give it a value'),
@@ -96,11 +101,13 @@ BAD = [
     (["--lambda-tol", "inf"], "argument --lambda-tol: must be a positive finite number"),
     (["--seed", "x"], "invalid int value"),
     (["--nope"], "unrecognized arguments: --nope"),
-    pytest.param(["--device", "cuda"], "argument --device: must be cpu (there is no CUDA here)", marks=NO_CUDA),
+    pytest.param(["--device", "cuda"], "argument --device: must be cpu (there is no CUDA here)",
+                 marks=NO_CUDA),
     (["--method", "reinforce", "--task", "female"], "needs a pointwise task"),
     (["--method", "reinforce", "--moments", "0.5"], "needs a pointwise task"),
     (["--method", "ziegler", "--task", "topics"], "needs a pointwise task"),
-    (["--model", "tiny", "--task", "positive", "--classifier", "/no/such/clf"], "use --classifier tiny"),
+    (["--model", "tiny", "--task", "positive", "--classifier", "/no/such/clf"],
+     "use --classifier tiny"),
     (["--resume", "/no/such/run"], "no dpg_min run there"),
     (["--resume", "NOCKPT"], "the run has no checkpoint yet"),
     (["--resume", "DAMAGED"], "checkpoint.pt is damaged"),
@@ -113,15 +120,21 @@ BAD = [
 
 @pytest.fixture
 def bad_input_files(tmp_path):
-    """The stand-in files of BAD under tmp_path; returns a function that puts their paths into args."""
+    """The stand-in files of BAD under tmp_path; returns a function that puts their paths into
+    args."""
     (tmp_path / "empty.txt").write_text("# no words, only a comment\n\n")
     (tmp_path / "badline.txt").write_text("zebra\nokapi\nmy secret password\n")
     for name in ("nockpt", "damaged"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"dpg_min": dict(model="tiny", steps=4)}))
-    (tmp_path / "damaged" / "checkpoint.pt").write_bytes(b"PK\x03\x04" + bytes(60))     # a zip cut short
+        config = {"dpg_min": dict(model="tiny", steps=4)}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    # a zip cut short
+    (tmp_path / "damaged" / "checkpoint.pt").write_bytes(b"PK\x03\x04" + bytes(60))
     stand_in = dict(EMPTY="empty.txt", BADLINE="badline.txt", NOCKPT="nockpt", DAMAGED="damaged")
-    return lambda args: [str(tmp_path / stand_in[a]) if a in stand_in else a for a in args]
+
+    def with_paths(args):
+        return [str(tmp_path / stand_in[a]) if a in stand_in else a for a in args]
+    return with_paths
 
 
 def snapshot(folder):
@@ -130,32 +143,39 @@ def snapshot(folder):
 
 def check_bad(args, message, capsys):
     code, err = run_main(args, capsys)
-    assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
+    assert code == 2 and message in err, (args, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
     assert err.startswith("dpg_min.py: error: ")
     return err
 
 
 @pytest.mark.parametrize("args, message", BAD)
-def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, bad_input_files, args, message):
-    """Each bad input: one line, exit 2, no traceback; the new OUT is not created and no file changes."""
+def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, bad_input_files,
+                                                            args, message):
+    """Each bad input: one line, exit 2, no traceback; the new OUT is not created and no file
+    changes."""
     args = bad_input_files(args)
     before = snapshot(tmp_path)
-    err = check_bad(args + ([] if "--resume" in args or "--out" in args else ["--out", str(tmp_path / "new")]),
-                    message, capsys)
-    assert snapshot(tmp_path) == before and "secret" not in err         # a bad word list line is not echoed
+    has_out = "--resume" in args or "--out" in args
+    err = check_bad(args + ([] if has_out else ["--out", str(tmp_path / "new")]), message, capsys)
+    # a bad word list line is not echoed
+    assert snapshot(tmp_path) == before and "secret" not in err
 
 
-def test_bad_input_with_overwrite_leaves_the_earlier_run_byte_for_byte(tmp_path, capsys, bad_input_files):
-    """--overwrite deletes the earlier run only once training really starts: every bad input of BAD (but
-    --resume's, which takes no --out) leaves it as it was."""
+def test_bad_input_with_overwrite_leaves_the_earlier_run_byte_for_byte(tmp_path, capsys,
+                                                                       bad_input_files):
+    """--overwrite deletes the earlier run only once training really starts: every bad input of BAD
+    (but --resume's, which takes no --out) leaves it as it was."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text('{"dpg_min": {}}')
     (out / "metrics.jsonl").write_text("precious\n")
-    before, checked = snapshot(tmp_path), 0
+    before = snapshot(tmp_path)
+    checked = 0
     for case in BAD:
         args, message = case.values if hasattr(case, "values") else case
-        if "--resume" in args or "--out" in args or (args == ["--device", "cuda"] and torch.cuda.is_available()):
+        cuda_here = args == ["--device", "cuda"] and torch.cuda.is_available()
+        if "--resume" in args or "--out" in args or cuda_here:
             continue
         check_bad(bad_input_files(args) + ["--out", str(out), "--overwrite"], message, capsys)
         assert snapshot(tmp_path) == before, args
@@ -164,8 +184,8 @@ def test_bad_input_with_overwrite_leaves_the_earlier_run_byte_for_byte(tmp_path,
 
 
 def test_an_explicitly_empty_value_of_any_text_flag_is_bad_input(tmp_path, capsys):
-    """`--X ""` is refused by name for every text flag (an empty --word would match nothing, an empty --out
-    would mean the default folder), before anything is read or written."""
+    """`--X ""` is refused by name for every text flag (an empty --word would match nothing, an
+    empty --out would mean the default folder), before anything is read or written."""
     names = [f.name for f in fields(dm.Config) if f.type is str]
     assert {"task", "word", "wordlist", "moments", "classifier", "method", "model", "out", "resume",
             "device"} <= set(names)
@@ -180,7 +200,8 @@ def test_an_explicitly_empty_value_of_any_text_flag_is_bad_input(tmp_path, capsy
 
 def test_an_output_directory_that_cannot_be_created_is_bad_input(tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder\n")
-    check_bad(["--model", "tiny", "--out", str(tmp_path / "a_file" / "run")], "is not a writable directory", capsys)
+    check_bad(["--model", "tiny", "--out", str(tmp_path / "a_file" / "run")],
+              "is not a writable directory", capsys)
     assert (tmp_path / "a_file").read_text() == "not a folder\n"
 
 
@@ -188,30 +209,35 @@ def test_an_existing_non_empty_out_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("precious\n")
-    check_bad(["--model", "tiny", "--out", str(out)], "already exists and is not an empty directory", capsys)
+    check_bad(["--model", "tiny", "--out", str(out)],
+              "already exists and is not an empty directory", capsys)
     assert snapshot(tmp_path)[0] == {out / "metrics.jsonl": b"precious\n"}
     (tmp_path / "empty").mkdir()                                    # an empty folder is fine
-    assert dm.parse_config(["--model", "tiny", "--out", str(tmp_path / "empty")]).out == str(tmp_path / "empty")
+    cfg = dm.parse_config(["--model", "tiny", "--out", str(tmp_path / "empty")])
+    assert cfg.out == str(tmp_path / "empty")
 
 
 # -- the program ---------------------------------------------------------------------------------
 
 
 def test_the_program_prints_one_line_and_no_traceback_on_bad_input():
-    result = subprocess.run([sys.executable, "dpg_min.py", "--task", "nope", "--model", "tiny"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "dpg_min.py", "--task", "nope", "--model", "tiny"],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["dpg_min.py: error: unknown task 'nope': choose one of amazing, "
-                                                  "wikileaks, politics, science, positive, negative, female, topics, "
-                                                  "hybrid-sports, hybrid-politics, or give --word or --wordlist"]
+    assert result.stderr.strip().splitlines() == [
+        "dpg_min.py: error: unknown task 'nope': choose one of amazing, "
+        "wikileaks, politics, science, positive, negative, female, topics, "
+        "hybrid-sports, hybrid-politics, or give --word or --wordlist"]
 
 
 def test_the_command_line_runs_end_to_end(tmp_path, read_metrics):
-    """`python dpg_min.py ... --model tiny` with a custom word: exit 0, metrics, config and model saved."""
+    """`python dpg_min.py ... --model tiny` with a custom word: exit 0, metrics, config and model
+    saved."""
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "dpg_min.py", "--model", "tiny", "--word", "zebra", "--baseline",
-                             "--steps", "2", "--batch-size", "16", "--seq-len", "8", "--eval-interval", "1",
-                             "--eval-samples", "16", "--q-update-interval", "1", "--out", str(out)],
+    result = subprocess.run([sys.executable, "dpg_min.py", "--model", "tiny", "--word", "zebra",
+                             "--baseline", "--steps", "2", "--batch-size", "16", "--seq-len", "8",
+                             "--eval-interval", "1", "--eval-samples", "16",
+                             "--q-update-interval", "1", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]
@@ -222,18 +248,20 @@ def test_the_command_line_runs_end_to_end(tmp_path, read_metrics):
 
 
 def test_a_closed_stdout_during_training_is_exit_1_without_a_traceback(monkeypatch, capfd):
-    """Unlike plot's, a run cut off by its reader (`| head`) has not finished: it must not look like a success."""
+    """Unlike plot's, a run cut off by its reader (`| head`) has not finished: it must not look like
+    a success."""
     def reader_gone(*args, **kwargs):
         raise BrokenPipeError
     monkeypatch.setattr(dm, "train", reader_gone)
-    saved = os.dup(1)                                           # main points fd 1 at /dev/null: undo that
+    saved = os.dup(1)                               # main points fd 1 at /dev/null: undo that
     try:
         with pytest.raises(SystemExit) as exit_info:
             dm.main(["--model", "tiny", "--task", "amazing", "--out", "unused"])
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-    assert exit_info.value.code == 1 and capfd.readouterr().err == "" and not os.path.exists("unused")
+    assert exit_info.value.code == 1 and capfd.readouterr().err == ""
+    assert not os.path.exists("unused")
 
 
 

@@ -42,7 +42,8 @@ def test_policies_sum_to_one(kw):
 
 @given(instances())
 def test_theorem1_i_reward_is_minus_reverse_kl(kw):
-    """E_π R^z_θ = β(log Z_z − D_KL(π_θ‖p_z)) and ∇E_π R^z_θ = −β∇D_KL(π_θ‖p_z), for both families."""
+    """E_π R^z_θ = β(log Z_z − D_KL(π_θ‖p_z)) and ∇E_π R^z_θ = −β∇D_KL(π_θ‖p_z), for both
+    families."""
     assert holds(tx.check_theorem1_i(tx.make_instance(**kw)))
 
 
@@ -105,7 +106,8 @@ def test_eq21_mean_abs_advantage_is_twice_Z_tvd(kw):
 
 @given(instances())
 def test_variance_identity_for_constant_baselines(kw):
-    """Var(G_0) − Var(G_b) = 2b·E[R‖g‖²] − b²·E‖g‖²; b* is optimal; b reduces variance iff 0 < b < 2b*."""
+    """Var(G_0) − Var(G_b) = 2b·E[R‖g‖²] − b²·E‖g‖²; b* is optimal; b reduces variance iff
+    0 < b < 2b*."""
     assert holds(tx.check_variance_identity(tx.make_instance(**kw)))
 
 
@@ -117,14 +119,15 @@ def test_eq16_fit_lambdas_gives_the_min_kl_projection(kw):
 
 @given(instances(families=("table",)))
 def test_hard_factors_meet_their_moments_exactly(kw):
-    """μ̄ ∈ {0, 1}: p = a·[φ = μ̄]/Z has E_p φ = μ̄; hybrid: fit_lambdas inside the hard constraint hits the soft μ̄."""
+    """μ̄ ∈ {0, 1}: p = a·[φ = μ̄]/Z has E_p φ = μ̄; hybrid: fit_lambdas inside the hard constraint
+    hits the soft μ̄."""
     assert holds(tx.check_hard_factors(tx.make_instance(**kw)))
 
 
 @given(instances(families=("table",)))
 def test_kl_forms_gap_and_variance_ordering(kw):
-    """gdc's − ours = log Ẑ·(Ẑ_N/Ẑ − 1) for every m; with Ẑ = Z and m = q, gdc's form has the larger variance
-    whenever Z ≥ 1; pointwise at π = q = a it has none."""
+    """gdc's − ours = log Ẑ·(Ẑ_N/Ẑ − 1) for every m; with Ẑ = Z and m = q, gdc's form has the larger
+    variance whenever Z ≥ 1; pointwise at π = q = a it has none."""
     assert holds(tx.check_kl_forms(tx.make_instance(**kw)))
 
 
@@ -149,19 +152,22 @@ def test_kl_reverse_is_exact_on_all_of_X(kw):
 
 
 def test_z_window_is_reported_not_assumed():
-    """Z is not the optimal constant baseline (paper, footnote 5): it may or may not reduce the variance.
-    The report must be a real fraction computed from b*, not a constant."""
+    """Z is not the optimal constant baseline (paper, footnote 5): it may or may not reduce the
+    variance. The report must be a real fraction computed from b*, not a constant."""
     results = [tx.z_in_window(tx.make_instance(V=2, T=3, seed=s, scale=2.0)) for s in range(6)]
     for hit, ratio in results:
         assert hit == (0 < ratio < 2)
 
 
 def test_toy_exact_script_prints_every_identity_passing():
-    """`python toy_exact.py` runs end to end, prints one row per identity, and every row passes."""
+    """`python toy_exact.py` runs end to end, prints one row per identity, and every row
+    passes."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "toy_exact.py"], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "toy_exact.py"], capture_output=True, text=True,
+                         check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.rstrip().endswith("s") and " pass " in line]
+    rows = [line for line in out.stdout.splitlines()
+            if line.rstrip().endswith("s") and " pass " in line]
     assert len(rows) == len(tx.CHECKS)
     assert f"{len(tx.CHECKS)}/{len(tx.CHECKS)} identities hold" in out.stdout

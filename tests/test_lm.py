@@ -1,4 +1,5 @@
-"""LM plumbing: log-probs against the library's own loss, the sampler against the model's softmax, build_tiny."""
+"""LM plumbing: log-probs against the library's own loss, the sampler against the model's softmax,
+build_tiny."""
 import math
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import torch
 
 import dpg_min as dm
 
-WORDS = "the a cat dog sat on mat amazing science art".split()     # ids 2..11; 0 is BOS/EOS, 1 <unk>
+WORDS = "the a cat dog sat on mat amazing science art".split()   # ids 2..11; 0 is BOS/EOS, 1 <unk>
 
 
 def tiny(seed=0):
@@ -15,18 +16,22 @@ def tiny(seed=0):
 
 
 def test_sequence_logprob_equals_minus_the_library_loss_times_the_scored_tokens():
-    """Σ_t log m(y_t | y_<t) equals −(HF's mean token loss with labels=ids) × the number of scored tokens."""
+    """Σ_t log m(y_t | y_<t) equals −(HF's mean token loss with labels=ids) × the number of scored
+    tokens."""
     model, _ = tiny()
-    ids = torch.randint(0, model.config.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (5, 9),
+                        generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 0
     ours = dm.sequence_logprob(model, ids, chunk=2)
-    assert ours.shape == (5,) and ours.dtype == torch.float64         # summed in float64 (overflow margin)
+    # summed in float64 (overflow margin)
+    assert ours.shape == (5,) and ours.dtype == torch.float64
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss                   # mean over 5 × 8 predicted tokens
+        loss = model(input_ids=ids, labels=ids).loss              # mean over 5 × 8 predicted tokens
         rows = [model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss for i in range(5)]
     assert torch.allclose(ours.sum().float(), -loss * 5 * 8, rtol=1e-5)
     assert torch.allclose(ours.float(), -torch.stack(rows) * 8, rtol=1e-5)
-    assert torch.allclose(dm.sequence_logprob(model, ids), ours, rtol=1e-6)     # any chunk: the same numbers
+    # any chunk: the same numbers
+    assert torch.allclose(dm.sequence_logprob(model, ids), ours, rtol=1e-6)
 
 
 def test_token_logprobs_with_a_value_head_gives_one_value_per_scored_token():
@@ -49,27 +54,31 @@ def test_sampler_logprobs_equal_rescored_logprobs_for_any_chunk_size(chunk):
 
 
 def test_sampler_is_exact_ancestral_sampling_one_step():
-    """One step: sample frequencies match the model's full softmax (no top-k, EOS allowed). Guards the
-    inverse-CDF draw: 20k samples give a standard error below 0.003 for probabilities near 1/12."""
+    """One step: sample frequencies match the model's full softmax (no top-k, EOS allowed). Guards
+    the inverse-CDF draw: 20k samples give a standard error below 0.003 for probabilities near
+    1/12."""
     model, _ = tiny()
     torch.manual_seed(2)
     ids, _ = dm.sample(model, n=20000, T=1, bos_id=0, chunk=20000)
     with torch.no_grad():
-        probs = torch.softmax(model(input_ids=torch.zeros(1, 1, dtype=torch.long)).logits[0, -1], -1)
+        logits = model(input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
+        probs = torch.softmax(logits[0, -1], -1)
     freq = torch.bincount(ids[:, 1], minlength=probs.numel()).double() / len(ids)
     assert (freq > 0).all() and (freq - probs).abs().max() < 0.012
 
 
 @pytest.mark.parametrize("chunk", [20000, 1000])
 def test_chunk_size_does_not_change_the_two_step_distribution(chunk):
-    """Two steps (the second through the KV cache): each of the 12² sequences is drawn at its model probability
-    exp(log m(x)), in one chunk or in twenty. Bound: 5 standard errors per sequence."""
+    """Two steps (the second through the KV cache): each of the 12² sequences is drawn at its model
+    probability exp(log m(x)), in one chunk or in twenty. Bound: 5 standard errors per sequence."""
     model, _ = tiny()
     torch.manual_seed(3)
     ids, logp = dm.sample(model, n=20000, T=2, bos_id=0, chunk=chunk)
     V = model.config.vocab_size
-    every = torch.stack(torch.meshgrid(torch.arange(V), torch.arange(V), indexing="ij"), -1).reshape(-1, 2)
-    probs = dm.sequence_logprob(model, torch.cat([torch.zeros(V * V, 1, dtype=torch.long), every], 1)).exp()
+    grid = torch.meshgrid(torch.arange(V), torch.arange(V), indexing="ij")
+    every = torch.stack(grid, -1).reshape(-1, 2)
+    bos = torch.zeros(V * V, 1, dtype=torch.long)
+    probs = dm.sequence_logprob(model, torch.cat([bos, every], 1)).exp()
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
     freq = torch.bincount(ids[:, 1] * V + ids[:, 2], minlength=V * V).double() / len(ids)
     assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / len(ids)).sqrt() + 1e-4).all()
@@ -86,18 +95,21 @@ def test_sample_in_chunks_draws_the_same_samples_as_one_chunk_from_the_same_rng_
 
 
 class FixedLogits(torch.nn.Module):
-    """A stand-in LM whose next-token logits never change: the draws are i.i.d. from softmax(logits)."""
+    """A stand-in LM whose next-token logits never change: the draws are i.i.d. from
+    softmax(logits)."""
     def __init__(self, logits):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.tensor(logits))
 
     def forward(self, input_ids, attention_mask, past_key_values):
-        return SimpleNamespace(logits=self.logits.expand(len(input_ids), 1, -1), past_key_values=None)
+        return SimpleNamespace(logits=self.logits.expand(len(input_ids), 1, -1),
+                               past_key_values=None)
 
 
 def test_sampler_never_draws_a_token_of_probability_zero():
-    """The inverse-CDF draw at the edges: −inf logits first, in the middle and last are never drawn, and a
-    token of probability 1e-9 is (almost surely) not either; the log-probs are those of the tokens drawn."""
+    """The inverse-CDF draw at the edges: −inf logits first, in the middle and last are never drawn,
+    and a token of probability 1e-9 is (almost surely) not either; the log-probs are those of the
+    tokens drawn."""
     probs = [0.0, 0.5, 0.0, 1e-9, 0.3, 0.2 - 1e-9, 0.0]
     model = FixedLogits([math.log(p) if p else -math.inf for p in probs])
     torch.manual_seed(5)
@@ -105,8 +117,9 @@ def test_sampler_never_draws_a_token_of_probability_zero():
     tokens = ids[:, 1:]
     counts = torch.bincount(tokens.flatten(), minlength=len(probs))
     assert counts[[0, 2, 3, 6]].tolist() == [0, 0, 0, 0]
-    assert ((counts.double() / tokens.numel() - torch.tensor(probs, dtype=torch.float64)).abs() < 0.01).all()
-    assert torch.allclose(logp, torch.tensor(probs, dtype=torch.float64).log()[tokens].sum(1), atol=1e-6)
+    expected = torch.tensor(probs, dtype=torch.float64)
+    assert ((counts.double() / tokens.numel() - expected).abs() < 0.01).all()
+    assert torch.allclose(logp, expected.log()[tokens].sum(1), atol=1e-6)
 
 
 def test_sequence_logprob_gradient_reaches_every_weight():
@@ -125,9 +138,11 @@ def test_build_tiny_is_deterministic_and_leaves_the_global_rng_alone():
     m2, _ = tiny(seed=5)
     m3, _ = tiny(seed=6)
     assert before == after                                       # no side effect on the global RNG
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    pairs = zip(m1.state_dict().values(), m2.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(m1.transformer.wte.weight, m3.transformer.wte.weight)
-    assert tok("the amazing cat").input_ids == [2, 9, 4] and tok.decode([2, 9, 4]) == "the amazing cat"
+    assert tok("the amazing cat").input_ids == [2, 9, 4]
+    assert tok.decode([2, 9, 4]) == "the amazing cat"
 
 
 def test_tiny_model_round_trips_through_save_pretrained(tmp_path):
@@ -135,7 +150,8 @@ def test_tiny_model_round_trips_through_save_pretrained(tmp_path):
     model, tok = tiny()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    again, tok2 = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
     ids = torch.tensor([[0, 2, 3, 4]])
     assert torch.allclose(dm.sequence_logprob(model, ids), dm.sequence_logprob(again, ids))
     assert tok2("the amazing cat").input_ids == tok("the amazing cat").input_ids

@@ -1,5 +1,6 @@
-"""Checkpoints (one file, OUT/checkpoint.pt, written atomically), exact resume after a kill or a crash,
-determinism, --resume with new --lr/--steps, damaged and finished runs, --overwrite and fresh output folders."""
+"""Checkpoints (one file, OUT/checkpoint.pt, written atomically), exact resume after a kill or a
+crash, determinism, --resume with new --lr/--steps, damaged and finished runs, --overwrite and
+fresh output folders."""
 import json
 import os
 import signal
@@ -15,12 +16,14 @@ import dpg_min as dm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Metrics every step, checkpoints at steps 0, 5 and 10: a kill after step 6 is logged must replay steps 6-10.
-KILLED = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "10", "--eval-interval", "1",
-          "--save-interval", "5", "--q-update-interval", "2", "--batch-size", "16", "--forward-batch-size", "16",
-          "--eval-samples", "16", "--seq-len", "8", "--diversity-samples", "16"]
-# In-process crashes: metrics every step, checkpoints at 0, 3 and 6; the crash comes as step 5 is printed, after
-# step 4's line was written: --resume must drop it and replay steps 4 and 5.
+# Metrics every step, checkpoints at steps 0, 5 and 10: a kill after step 6 is logged must replay
+# steps 6-10.
+KILLED = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "10",
+          "--eval-interval", "1", "--save-interval", "5", "--q-update-interval", "2",
+          "--batch-size", "16", "--forward-batch-size", "16", "--eval-samples", "16",
+          "--seq-len", "8", "--diversity-samples", "16"]
+# In-process crashes: metrics every step, checkpoints at 0, 3 and 6; the crash comes as step 5 is
+# printed, after step 4's line was written: --resume must drop it and replay steps 4 and 5.
 CRASHED = dict(steps=6, save_interval=3, q_update_interval=2)
 
 
@@ -35,17 +38,19 @@ def main_exit(args, capsys):
     return info.value.code, capsys.readouterr().err.strip()
 
 
-def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrupted_log(tmp_path, run_tiny,
-                                                                                         read_metrics, without_seconds):
+def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrupted_log(
+        tmp_path, run_tiny, read_metrics, without_seconds):
     killed = str(tmp_path / "killed")
     victim = subprocess.Popen([sys.executable, "dpg_min.py", *KILLED, "--out", killed], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics, done = os.path.join(killed, "metrics.jsonl"), threading.Event()
+    metrics = os.path.join(killed, "metrics.jsonl")
+    done = threading.Event()
 
-    def kill_after_step_6():                        # polls while the reference trains in this process
+    def kill_after_step_6():                # polls while the reference trains in this process
         deadline = time.time() + 120
         while victim.poll() is None and time.time() < deadline:
-            if os.path.exists(metrics) and open(metrics).read().count("\n") >= 7:      # steps 0-6 logged
+            # steps 0-6 logged
+            if os.path.exists(metrics) and open(metrics).read().count("\n") >= 7:
                 victim.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.005)
@@ -64,14 +69,19 @@ def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrup
     assert checkpoint_step(killed) == checkpoint_step(whole.out) == 10
 
 
-@pytest.mark.parametrize("changes", [dict(method="ziegler", batch_size=16, ppo_minibatch=8),    # value head and β
-                                     dict(task="female", baseline=True),                        # λ
-                                     dict(method="reinforce", baseline=True)])
-def test_a_crash_at_a_step_resumes_exactly(small_config, run_tiny, read_metrics, without_seconds, capsys, changes):
-    """In-process: the run dies as it prints step 5 (two lines after the checkpoint of step 3) and leaves a
-    half-written checkpoint.pt.tmp behind; --resume reproduces the uninterrupted run line for line, λ included."""
+@pytest.mark.parametrize("changes", [
+    dict(method="ziegler", batch_size=16, ppo_minibatch=8),    # value head and β
+    dict(task="female", baseline=True),                        # λ
+    dict(method="reinforce", baseline=True),
+])
+def test_a_crash_at_a_step_resumes_exactly(small_config, run_tiny, read_metrics, without_seconds,
+                                           capsys, changes):
+    """In-process: the run dies as it prints step 5 (two lines after the checkpoint of step 3) and
+    leaves a half-written checkpoint.pt.tmp behind; --resume reproduces the uninterrupted run line
+    for line, λ included."""
     changes = {"task": "politics", **CRASHED, **changes}
-    whole, cfg = small_config("whole", **changes), small_config("crashed", **changes)
+    whole = small_config("whole", **changes)
+    cfg = small_config("crashed", **changes)
     _, last, _ = run_tiny(whole)
 
     def die_at_step_5(line):
@@ -93,7 +103,8 @@ def test_a_crash_at_a_step_resumes_exactly(small_config, run_tiny, read_metrics,
     assert sorted(os.listdir(cfg.out)) == sorted(os.listdir(whole.out))       # the .tmp is gone
 
 
-def test_the_same_seed_gives_identical_metrics_and_another_seed_does_not(small_config, run_tiny, read_metrics,
+def test_the_same_seed_gives_identical_metrics_and_another_seed_does_not(small_config, run_tiny,
+                                                                         read_metrics,
                                                                          without_seconds):
     rows = []
     for name, seed in (("one", 12), ("two", 12), ("three", 13)):
@@ -103,7 +114,8 @@ def test_the_same_seed_gives_identical_metrics_and_another_seed_does_not(small_c
     assert rows[0] == rows[1] and rows[0] != rows[2]
 
 
-def test_resume_with_new_steps_and_lr_changes_only_the_future(small_config, run_tiny, read_metrics, capsys):
+def test_resume_with_new_steps_and_lr_changes_only_the_future(small_config, run_tiny, read_metrics,
+                                                              capsys):
     cfg = small_config(task="politics", steps=3)
     run_tiny(cfg)
     before = read_metrics(cfg.out)
@@ -118,7 +130,8 @@ def test_resume_with_new_steps_and_lr_changes_only_the_future(small_config, run_
     assert ckpt["s"]["step"] == 6 and ckpt["opt"]["param_groups"][0]["lr"] == 1e-5
 
 
-def test_a_damaged_checkpoint_is_one_line_exit_2_and_changes_nothing(small_config, run_tiny, files_of, capsys):
+def test_a_damaged_checkpoint_is_one_line_exit_2_and_changes_nothing(small_config, run_tiny,
+                                                                     files_of, capsys):
     cfg = small_config(task="politics")
     run_tiny(cfg)
     path = os.path.join(cfg.out, "checkpoint.pt")
@@ -126,47 +139,63 @@ def test_a_damaged_checkpoint_is_one_line_exit_2_and_changes_nothing(small_confi
         f.truncate(os.path.getsize(path) // 2)
     before = files_of(cfg.out)
     code, err = main_exit(["--resume", cfg.out, "--steps", "4"], capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "checkpoint.pt is damaged" in err and "--overwrite" in err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "checkpoint.pt is damaged" in err and "--overwrite" in err
     assert files_of(cfg.out) == before
 
 
-def test_resuming_a_finished_run_is_exit_2_and_changes_nothing(small_config, run_tiny, files_of, capsys):
+def test_resuming_a_finished_run_is_exit_2_and_changes_nothing(small_config, run_tiny, files_of,
+                                                               capsys):
     cfg = small_config(task="politics")
     run_tiny(cfg)
     before = files_of(cfg.out)
     code, err = main_exit(["--resume", cfg.out], capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "has finished its 2 steps; give --steps above 2" in err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "has finished its 2 steps; give --steps above 2" in err
     assert files_of(cfg.out) == before
 
 
-def test_a_nan_stop_is_one_line_exit_1_naming_the_checkpoint_and_resume_goes_on(tmp_path, read_metrics, monkeypatch,
+def test_a_nan_stop_is_one_line_exit_1_naming_the_checkpoint_and_resume_goes_on(tmp_path,
+                                                                                 read_metrics,
+                                                                                 monkeypatch,
                                                                                  capsys):
-    """The stop keeps the last good checkpoint (step 0) and says so; once the cause is gone (here: the patch
-    is undone; in life: perhaps a smaller --lr), --resume finishes the run."""
+    """The stop keeps the last good checkpoint (step 0) and says so; once the cause is gone (here:
+    the patch is undone; in life: perhaps a smaller --lr), --resume finishes the run."""
     out = str(tmp_path / "run")
     token_logprobs = dm.token_logprobs
-    monkeypatch.setattr(dm, "token_logprobs", lambda model, ids, v_head=None: token_logprobs(model, ids, v_head) * (
-        float("nan") if torch.is_grad_enabled() and next(model.parameters()).requires_grad else 1.0))  # π's pass
-    code, err = main_exit(["--model", "tiny", "--task", "politics", "--steps", "2", "--batch-size", "16",
-                           "--eval-samples", "16", "--seq-len", "8", "--baseline", "--out", out], capsys)
-    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("dpg_min.py: stopped: step 1:") and "--lr" in err
-    assert err.endswith(f"Its last good checkpoint is {out}/checkpoint.pt: go on with --resume {out}")
+
+    def nan_in_pis_pass(model, ids, v_head=None):
+        logp = token_logprobs(model, ids, v_head)
+        pis_pass = torch.is_grad_enabled() and next(model.parameters()).requires_grad
+        return logp * (float("nan") if pis_pass else 1.0)
+
+    monkeypatch.setattr(dm, "token_logprobs", nan_in_pis_pass)
+    code, err = main_exit(["--model", "tiny", "--task", "politics", "--steps", "2",
+                           "--batch-size", "16", "--eval-samples", "16", "--seq-len", "8",
+                           "--baseline", "--out", out], capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("dpg_min.py: stopped: step 1:") and "--lr" in err
+    assert err.endswith(
+        f"Its last good checkpoint is {out}/checkpoint.pt: go on with --resume {out}")
     monkeypatch.undo()
     dm.main(["--resume", out, "--lr", "1e-4"])
     assert [m["step"] for m in read_metrics(out)] == [0, 2] and checkpoint_step(out) == 2
 
 
-def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(small_config, run_tiny, read_metrics, files_of,
+def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(small_config, run_tiny,
+                                                                     read_metrics, files_of,
                                                                      tmp_path, capsys):
     cfg = small_config(task="politics")
     run_tiny(cfg)
     (tmp_path / "run" / "stale.txt").write_text("from the old run\n")
-    dm.main(["--model", "tiny", "--task", "politics", "--steps", "1", "--batch-size", "16", "--eval-samples", "16",
-             "--seq-len", "8", "--out", cfg.out, "--overwrite"])
-    assert [r["step"] for r in read_metrics(cfg.out)] == [0, 1] and not (tmp_path / "run" / "stale.txt").exists()
+    dm.main(["--model", "tiny", "--task", "politics", "--steps", "1", "--batch-size", "16",
+             "--eval-samples", "16", "--seq-len", "8", "--out", cfg.out, "--overwrite"])
+    assert [r["step"] for r in read_metrics(cfg.out)] == [0, 1]
+    assert not (tmp_path / "run" / "stale.txt").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious\n")
-    code, err = main_exit(["--model", "tiny", "--out", str(tmp_path / "mine"), "--overwrite"], capsys)
+    code, err = main_exit(["--model", "tiny", "--out", str(tmp_path / "mine"), "--overwrite"],
+                          capsys)
     assert code == 2 and "holds no dpg_min run (no config.json), so it is left alone" in err
     assert files_of(tmp_path / "mine") == {"thesis.tex": b"precious\n"}
 
@@ -177,6 +206,7 @@ def test_each_run_without_out_gets_a_new_folder(tmp_path, monkeypatch):
     os.makedirs(first.out)
     open(os.path.join(first.out, "metrics.jsonl"), "w").close()
     second = dm.parse_config(["--model", "tiny"])
-    assert first.out.startswith(os.path.join("runs", "amazing-gdc-tiny-")) and second.out != first.out
+    assert first.out.startswith(os.path.join("runs", "amazing-gdc-tiny-"))
+    assert second.out != first.out
     assert dm.parse_config(["--model", "tiny", "--word", "zebra", "--baseline"]).out.startswith(
         os.path.join("runs", "custom-gdc++-tiny-"))
