@@ -59,7 +59,7 @@ class Config:
                           "positive, negative: an HF classifier of POSITIVE, NEGATIVE; or tiny")
     # method (paper §4.3)
     method: str = arg("dpg", "dpg (Alg. 1), reinforce (eq. 1) or ziegler (eq. 2)", choices=METHODS)
-    baseline: bool = arg(False, "dpg: GDC++, the baseline Z·π/q (Alg. 1 line 5); reinforce: E R")
+    baseline: bool = arg(False, "dpg: GDC++ (baseline Z·π/q, Alg. 1 line 5); reinforce: E R (eq. 12)")
     # model and sampling
     model: str = arg("gpt2", "a: an HF causal LM by name, folder or .gguf file (paper: gpt2); "
                              "smollm2 (SmolLM2-135M from PyPI); or tiny (random, offline)")
