@@ -20,9 +20,8 @@ import torch
 import transformers
 from tqdm import tqdm
 
-# --- Config: the paper's GPT-2 setting. Each field is a flag (`batch_size` is `--batch-size`), and
-# its help names the source of its default: "GDC++" is naver/gdc@a59c5b7
-# rm_vs_dm/gdc/configs/gdc++/*.json, the paper's own runs.
+# --- Config: the paper's GPT-2 setting. Each field is a flag (`batch_size`: `--batch-size`); its help
+# names its default's source: "GDC++" is naver/gdc@a59c5b7 rm_vs_dm/gdc/configs/gdc++/*.json.
 GDC = "naver/gdc@a59c5b7 rm_vs_dm/gdc/"
 METHODS = ("dpg", "reinforce", "ziegler")
 
@@ -59,7 +58,8 @@ class Config:
                           "positive, negative: an HF classifier of POSITIVE, NEGATIVE; or tiny")
     # method (paper §4.3)
     method: str = arg("dpg", "dpg (Alg. 1), reinforce (eq. 1) or ziegler (eq. 2)", choices=METHODS)
-    baseline: bool = arg(False, "dpg: GDC++ (baseline Z·π/q, Alg. 1 line 5); reinforce: E R (eq. 12)")
+    baseline: bool = arg(False, "dpg: GDC++, with the baseline Z·π/q (Alg. 1 line 5); "
+                                "reinforce: E R (eq. 12)")
     # model and sampling
     model: str = arg("gpt2", "a: an HF causal LM by name, folder or .gguf file (paper: gpt2); "
                              "smollm2 (SmolLM2-135M from PyPI); or tiny (random, offline)")
