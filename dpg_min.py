@@ -20,8 +20,8 @@ import torch
 import transformers
 from tqdm import tqdm
 
-# --- Config: the paper's GPT-2 setting. Each field is a flag (`batch_size`: `--batch-size`); its help
-# names its default's source: "GDC++" is naver/gdc@a59c5b7 rm_vs_dm/gdc/configs/gdc++/*.json.
+# --- Config: the paper's GPT-2 setting. Each field is a flag (`batch_size`: `--batch-size`); its
+# help names its default's source: "GDC++" is naver/gdc@a59c5b7 rm_vs_dm/gdc/configs/gdc++/*.json.
 GDC = "naver/gdc@a59c5b7 rm_vs_dm/gdc/"
 METHODS = ("dpg", "reinforce", "ziegler")
 
