@@ -39,8 +39,6 @@ POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
 NATURAL = checked(int, lambda v: v >= 0, "0 or more")
 FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
 WORD = checked(str, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
-DEVICE = checked(str, lambda v: not v.startswith("cuda") or torch.cuda.is_available(),
-                 "cpu (there is no CUDA here)")
 
 def arg(default, help, type=None, choices=None):
     """A Config field: its default, its --help text, and what argparse checks the flag with."""
@@ -96,7 +94,7 @@ class Config:
                              POSITIVE)
     resume: str = arg("", "continue the run in this folder from its checkpoint")
     overwrite: bool = arg(False, "replace the earlier run in --out")
-    device: str = arg("", "cuda or cpu (default: cuda if there is one)", DEVICE)
+    device: str = arg("", "cuda or cpu (default: cuda if there is one)")
 
 # `--model tiny`'s presets (README, quick start), under the flags: a random LM wants a larger lr
 TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
@@ -998,7 +996,9 @@ def parse_config(argv):
     return cfg
 
 def check_flags(cfg, task):
-    """BadInput unless the flags agree with each other and with the task."""
+    """BadInput unless the flags, a resumed run's too, fit each other, the task and this machine."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        refuse(f"--device {cfg.device}: there is no CUDA here; use --device cpu")
     if cfg.method == "ziegler" and cfg.batch_size % cfg.ppo_minibatch:
         refuse(f"--batch-size {cfg.batch_size} is not divisible by --ppo-minibatch "
                f"{cfg.ppo_minibatch}: PPO whitens advantages per minibatch, all of one size")

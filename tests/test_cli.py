@@ -60,7 +60,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 
 # Every bad input: (args, what the one line says). Stand-ins: EMPTY an empty word list, BADLINE a
 # word list whose line 3 is not a word, NOCKPT a run with no checkpoint, DAMAGED a run whose
-# checkpoint.pt is cut short.
+# checkpoint.pt is cut short, ON_GPU a run started with --device cuda.
 BAD = [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
@@ -101,8 +101,9 @@ BAD = [
     (["--lambda-tol", "inf"], "argument --lambda-tol: must be a positive finite number"),
     (["--seed", "x"], "invalid int value"),
     (["--nope"], "unrecognized arguments: --nope"),
-    pytest.param(["--device", "cuda"], "argument --device: must be cpu (there is no CUDA here)",
+    pytest.param(["--device", "cuda"], "--device cuda: there is no CUDA here; use --device cpu",
                  marks=NO_CUDA),
+    pytest.param(["--resume", "ON_GPU"], "--device cuda: there is no CUDA here", marks=NO_CUDA),
     (["--method", "reinforce", "--task", "female"], "needs a pointwise task"),
     (["--method", "reinforce", "--moments", "0.5"], "needs a pointwise task"),
     (["--method", "ziegler", "--task", "topics"], "needs a pointwise task"),
@@ -130,7 +131,11 @@ def bad_input_files(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     # a zip cut short
     (tmp_path / "damaged" / "checkpoint.pt").write_bytes(b"PK\x03\x04" + bytes(60))
-    stand_in = dict(EMPTY="empty.txt", BADLINE="badline.txt", NOCKPT="nockpt", DAMAGED="damaged")
+    (tmp_path / "on_gpu").mkdir()                       # a run started on a GPU machine
+    config = {"dpg_min": dict(model="tiny", steps=4, device="cuda")}
+    (tmp_path / "on_gpu" / "config.json").write_text(json.dumps(config))
+    stand_in = dict(EMPTY="empty.txt", BADLINE="badline.txt", NOCKPT="nockpt", DAMAGED="damaged",
+                    ON_GPU="on_gpu")
 
     def with_paths(args):
         return [str(tmp_path / stand_in[a]) if a in stand_in else a for a in args]
