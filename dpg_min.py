@@ -723,11 +723,10 @@ def start_run_folder(cfg, config):
 
 def save_checkpoint(path, models, s, lam, metrics_bytes):
     """One file, whole or not at all: written under a temporary name, then renamed (atomic)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     ckpt = dict(s=s, lam=lam, metrics_bytes=metrics_bytes,
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                         torch=torch.get_rng_state(), cuda=[]))
-    if torch.cuda.is_available():
-        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+                         torch=torch.get_rng_state(), cuda=cuda))
     for key in TRAINED:
         if getattr(models, key) is not None:
             ckpt[key] = getattr(models, key).state_dict()
@@ -783,11 +782,12 @@ SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
 def log_row(cfg, s, m, texts, n_steps, log):
     """A row of the evaluation's metrics m, the q-check's and the batch's: printed as a step's line
     with three samples of π, appended to metrics.jsonl (NaN, ±inf as null) and returned."""
-    q_check = {k: s[k] for k in ("kl_p_pi", "tvd_p_pi", "kl_p_q", "Z_hat")}
+    of_q = {k: s[k] for k in ("kl_p_pi", "tvd_p_pi", "kl_p_q", "Z_hat")}
     rest = {k: s[k] for k in ("var_G", "ess_P_q", "q_updated", "q_updates", "beta")}
-    row = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **q_check, **s["batch"],
+    row = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **of_q, **s["batch"],
                **rest, seconds=round(s["seconds"], 1))
-    shown = SHOWN + ["var_G"] * bool(cfg.grad_var_interval) + SHOWN_BY_METHOD[cfg.method]
+    measured = ["var_G"] if cfg.grad_var_interval else []
+    shown = SHOWN + measured + SHOWN_BY_METHOD[cfg.method]
     line = f"step {row['step']:>{len(str(n_steps))}}/{n_steps}  "
     line += "  ".join(f"{LABELS[k]} {fmt(row[k])}" for k in shown)
     line += f"  {row['seconds']:.0f}s"
