@@ -11,9 +11,11 @@ bias (Facts 1-2), and an advantage centred on zero (Fig. 2).
 Top to bottom: Config, the math (pure functions of log-probs, checked exactly by toy_exact.py), LM
 plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command line.
 """
-import argparse, copy, importlib.util, json, math, os, random, re, shutil, socket, sys, time
+import argparse, copy, errno, fcntl, importlib.util, json, math, os, random, re, shutil, socket
+import sys, time
 from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
 NATURAL = checked(int, lambda v: v >= 0, "0 or more")
 FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
 WORD = checked(str, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
+SEED = checked(int, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seeds)")
+DEVICE = checked(str, re.compile(r"(cpu|cuda(:\d+)?)?").fullmatch, "cpu, cuda or cuda:N")
 
 def arg(default, help, type=None, choices=None):
     """A Config field: its default, its --help text, and what argparse checks the flag with."""
@@ -88,13 +92,13 @@ class Config:
                                  POSITIVE)
     grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
     grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
-    seed: int = arg(12, "random seed (GDC++)", int)
+    seed: int = arg(12, "random seed (GDC++)", SEED)
     out: str = arg("", "output folder, new or empty (default: runs/TASK-METHOD-MODEL-DATE-TIME)")
     save_interval: int = arg(100, "write OUT/checkpoint.pt every this many steps, and at the end",
                              POSITIVE)
     resume: str = arg("", "continue the run in this folder from its checkpoint")
     overwrite: bool = arg(False, "replace the earlier run in --out")
-    device: str = arg("", "cuda or cpu (default: cuda if there is one)")
+    device: str = arg("", "cpu, cuda or cuda:N (default: cuda if there is one)", DEVICE)
 
 # `--model tiny`'s presets (README, quick start), under the flags: a random LM wants a larger lr
 TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
@@ -282,9 +286,8 @@ def sample(model, n, T, bos_id, chunk=256):
         logp = torch.zeros(len(ids), dtype=torch.float64, device=device)
         past = None
         for t in range(T):
-            out = model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids),
-                        past_key_values=past)
-            past = out.past_key_values
+            out = model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), cache=past)
+            past = out.cache
             log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)   # (b, V)
             cdf = log_probs.double().exp().cumsum(-1)           # inverse-CDF: 2x multinomial
             u = U[start:start + len(ids), t, None] * cdf[:, -1:]
@@ -349,14 +352,28 @@ def hub_reachable():
         return False
     return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
 
+def check_gguf(path, flag):
+    """BadInput unless the .gguf file holds weights: on a header alone, transformers would build a
+    default-sized model (7B parameters for llama) and run out of memory."""
+    from gguf import GGUFReader
+    try:
+        n_tensors = len(GGUFReader(path).tensors)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read {flag} {path!r} ({e}): a partial download? Fetch it "
+                       f"again") from None
+    if n_tensors == 0:
+        raise BadInput(f"{flag} {path!r} holds no weights, only a header; download it again")
+
 def from_pretrained(auto_class, name, flag):
     """transformers' `auto_class` model and tokenizer, by HF name, folder or PATH.gguf, or BadInput.
     A name not on disk is looked up in the local cache, and on the hub only if the hub answers."""
     transformers.utils.logging.set_verbosity_error()        # no chatter: one line if it fails
+    transformers.utils.logging.disable_progress_bar()
     folder = name
     file = None
     if name.endswith(".gguf"):                      # llama.cpp's format: a folder and a file
         folder, file = os.path.split(os.path.abspath(name))
+        check_gguf(name, flag)
     offline = not os.path.exists(folder) and not hub_reachable()
     try:
         model = getattr(transformers, auto_class).from_pretrained(
@@ -712,29 +729,50 @@ def fit_lambda(target, cfg, log):
             f"goes on")
     return lam
 
-def start_run_folder(cfg, config):
-    """OUT with config.json: the model's config and the run's flags. Called once the run's input
-    is known good, so that bad input writes nothing; --overwrite empties OUT only now."""
-    if cfg.overwrite and os.path.isdir(cfg.out):
-        shutil.rmtree(cfg.out)
-    config.dpg_min = asdict(cfg)
-    config.save_pretrained(cfg.out)
-    return os.path.join(cfg.out, "metrics.jsonl")
+def remove(path):
+    """Deletes a file, a link or a folder with all it holds."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
-def save_checkpoint(path, models, s, lam, metrics_bytes):
-    """One file, whole or not at all: written under a temporary name, then renamed (atomic)."""
+def write_whole(path, write):
+    """write(TMP), then TMP renamed to path: the file is whole or absent, never half written, even
+    if we are killed (a rename is atomic). Every file of OUT is written so."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def start_run_folder(cfg, config, metrics_bytes):
+    """OUT/config.json (the model's config and the run's flags) and metrics.jsonl cut to the
+    checkpoint's bytes (empty for a new run). Called once the run's input is known good, so that
+    bad input writes nothing; --overwrite empties OUT only now. Returns metrics.jsonl's path."""
+    os.makedirs(cfg.out, exist_ok=True)
+    for name in os.listdir(cfg.out):
+        if cfg.overwrite or name.endswith(".tmp"):              # a killed write's leftovers
+            remove(os.path.join(cfg.out, name))
+    config.dpg_min = asdict(cfg)
+    write_whole(os.path.join(cfg.out, "config.json"), config.to_json_file)
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    kept = b""
+    if metrics_bytes:
+        kept = Path(metrics).read_bytes()[:metrics_bytes]
+    write_whole(metrics, lambda tmp: Path(tmp).write_bytes(kept))
+    return metrics
+
+def save_checkpoint(path, models, s, target, metrics_bytes, cfg):
+    """All the run's state in one file, with the flags and the task it belongs to."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    ckpt = dict(s=s, lam=lam, metrics_bytes=metrics_bytes,
+    ckpt = dict(s=s, lam=target.lam, metrics_bytes=metrics_bytes, flags=run_flags(asdict(cfg)),
+                task=target.task._asdict(),
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(),
                          torch=torch.get_rng_state(), cuda=cuda))
     for key in TRAINED:
         if getattr(models, key) is not None:
             ckpt[key] = getattr(models, key).state_dict()
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_whole(path, lambda tmp: torch.save(ckpt, tmp))
 
 def restore_checkpoint(ckpt, models, cfg):
-    """Models, RNG states, metrics.jsonl back to the checkpoint's time; returns the loop's state."""
+    """Models and RNG states back to the checkpoint's time; returns the loop's state."""
     for key in TRAINED:
         if key in ckpt:
             getattr(models, key).load_state_dict(ckpt[key])
@@ -749,18 +787,25 @@ def restore_checkpoint(ckpt, models, cfg):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    os.truncate(os.path.join(cfg.out, "metrics.jsonl"), ckpt["metrics_bytes"])
     return ckpt["s"]
 
 def save_policy(pi, tokenizer, cfg):
     """π and its tokenizer, for from_pretrained, with generation settings under which `generate`
-    samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop."""
+    samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop.
+    Saved in OUT/pi.tmp, then each file moved into OUT, the weights last: π is whole once they
+    are there (pi_saved)."""
     pi.generation_config = transformers.GenerationConfig(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
         bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
-    transformers.utils.logging.disable_progress_bar()   # no bar for one small write
-    pi.save_pretrained(cfg.out)
-    tokenizer.save_pretrained(cfg.out)
+    tmp = os.path.join(cfg.out, "pi.tmp")
+    pi.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
+    os.rmdir(tmp)
+
+def pi_saved(out):
+    return any(name.startswith("model.safetensors") for name in os.listdir(out))
 
 def fmt(values):
     """Numbers as a step's line shows them: 3 significant digits, a list's joined by '/'."""
@@ -805,7 +850,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     f = cfg.forward_batch_size                                      # rows per forward pass
     n_steps = n_steps_of(cfg, task.mu_bar)
     bos = bos_of(tokenizer)
-    if ckpt is not None and ckpt["s"]["step"] >= n_steps:
+    if ckpt is not None and ckpt["s"]["step"] >= n_steps and pi_saved(cfg.out):
         raise BadInput(f"--resume {cfg.out!r}: the run has finished its {ckpt['s']['step']} steps; "
                        f"give --steps above {ckpt['s']['step']} to train it further")
     sentiment = any(x.startswith(SENTIMENT) for x in task.features)
@@ -822,7 +867,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         target = target._replace(lam=ckpt["lam"])
     elif n_soft:
         target = target._replace(lam=fit_lambda(target, cfg, log))
-    metrics = start_run_folder(cfg, pi.config)
+    metrics = start_run_folder(cfg, pi.config, ckpt["metrics_bytes"] if ckpt else 0)
     nan = math.nan
     s = dict(step=-1, seconds=0.0, Z_hat=0.0, rounds=0, q_updates=0, q_updated=False,
              beta=cfg.kl_beta if v_head else None, m=None, var_G=nan, kl_p_pi=nan,
@@ -894,23 +939,16 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             s["m"] = log_row(cfg, s, m, texts, n_steps, log)
             s["q_updated"] = False
         if step % cfg.save_interval == 0 or step == n_steps:
+            with torch.no_grad():
+                logp_pi = sequence_logprob(pi, ids[:f])
+            if not torch.isfinite(logp_pi).all():       # an update broke π: no checkpoint holds it
+                raise NotFinite(f"step {step}: π's log-probabilities are not finite after the "
+                                f"update, so it was not saved; lower --lr")
             checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-            save_checkpoint(checkpoint, models, s, target.lam, os.path.getsize(metrics))
+            save_checkpoint(checkpoint, models, s, target, os.path.getsize(metrics), cfg)
     save_policy(pi, tokenizer, cfg)
     log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
     return pi, s["m"]
-
-def read_checkpoint(out):
-    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise BadInput(f"--resume {out!r}: the run has no checkpoint yet; start it again with "
-                       f"--overwrite")
-    try:                            # weights_only=False: it holds RNG states, and we wrote it
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise BadInput(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start "
-                       f"again with --overwrite") from None
 
 # --- Command line: `python dpg_min.py [flags]`; figures/plot.py draws the figures from the runs
 RESUMABLE = ("steps", "samples", "lr", "device", "save_interval")  # the past and the task stay
@@ -921,14 +959,64 @@ def refuse(message):
 def flag(name):
     return "--" + name.replace("_", "-")
 
+def run_flags(flags):
+    """The flags that make a run what it is: all but RESUMABLE and those of its folder."""
+    return {k: v for k, v in flags.items() if k not in (*RESUMABLE, "out", "resume", "overwrite")}
+
 def saved_flags(out):
-    """The flags of the run in folder OUT (OUT/config.json), or None if there is none."""
+    """The flags of the run in folder OUT (OUT/config.json), checked as if typed again, or None if
+    there is no run."""
+    path = os.path.join(out, "config.json")
     try:
-        with open(os.path.join(out, "config.json")) as f:
-            saved = json.load(f)["dpg_min"]
-        return {k: v for k, v in saved.items() if k in {x.name for x in fields(Config)}}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        with open(path) as f:
+            saved = dict(json.load(f)["dpg_min"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    argv = []
+    for x in fields(Config):
+        value = saved.get(x.name)
+        if value is True:
+            argv.append(flag(x.name))
+        elif value is not None and value is not False and value != "":
+            argv.append(f"{flag(x.name)}={value}")
+    try:
+        given = make_parser().parse_args(argv)
+    except BadInput as e:
+        refuse(f"{path} was edited: {e}")
+    return {k: v for k, v in vars(given).items() if v is not None}
+
+def read_checkpoint(out):
+    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        refuse(f"{out!r}: the run has no checkpoint yet")
+    try:                            # weights_only=False: it holds RNG states, and we wrote it
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        refuse(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start again "
+               f"with --overwrite")
+
+def resumed_checkpoint(cfg, task):
+    """The checkpoint that --resume continues, once checked against the run's flags, task and
+    log; None if the run has none yet (it starts again from step 0)."""
+    if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        return None
+    ckpt = read_checkpoint(cfg.out)
+    again = f"put the run's own files back, or start again with --overwrite"
+    if not isinstance(ckpt, dict) or ckpt.get("flags") != run_flags(asdict(cfg)):
+        refuse(f"--resume {cfg.out!r}: checkpoint.pt is not of the run that config.json "
+               f"describes; {again}")
+    if ckpt["task"] != task._asdict():
+        refuse(f"--resume {cfg.out!r}: the task's words changed since the run started (an edited "
+               f"--wordlist?); {again}")
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    size = 0
+    if os.path.exists(metrics):
+        size = os.path.getsize(metrics)
+    if size < ckpt["metrics_bytes"]:
+        refuse(f"--resume {cfg.out!r}: metrics.jsonl holds {size} bytes, fewer than the "
+               f"{ckpt['metrics_bytes']} its checkpoint logged; {again}")
+    return ckpt
 
 def make_parser():
     """One flag per Config field; its help ends with the default and the tiny preset's value."""
@@ -961,11 +1049,15 @@ def new_run_folder(cfg):
     return out
 
 def parse_config(argv):
-    """Config from the flags (`--model tiny` fills the unset ones from TINY); OUT checked."""
+    """Config from the flags (`--model tiny` fills the unset ones from TINY)."""
     given = {k: v for k, v in vars(make_parser().parse_args(argv)).items() if v is not None}
     empty = [k for k, v in given.items() if v == ""]
     if empty:
         refuse(f"{flag(empty[0])} \"\": give it a value, or leave the flag out")
+    if "samples" in given and "steps" in given:
+        refuse("--steps and --samples both set the run's length: give one of them")
+    if "samples" in given:
+        given["steps"] = None               # --samples replaces a preset's or a saved --steps
     out = given.get("resume")
     if out:
         allowed = {*RESUMABLE, "resume"} | ({"out"} if given.get("out") == out else set())
@@ -976,24 +1068,46 @@ def parse_config(argv):
         saved = saved_flags(out)
         if saved is None:
             refuse(f"--resume {out!r}: no dpg_min run there (no config.json); start one with --out")
-        return Config(**{**saved, **given, "out": out, "overwrite": False})
-    preset = TINY if given.get("model") == "tiny" else {}
-    cfg = Config(**{**preset, **given})
+        cfg = Config(**{**saved, **given, "out": out, "overwrite": False})
+    else:
+        preset = TINY if given.get("model") == "tiny" else {}
+        cfg = Config(**{**preset, **given})
     if not cfg.out:                                                 # a new folder for every run
         cfg.out = new_run_folder(cfg)
-    exists = os.path.exists(cfg.out)
-    if exists and (not os.path.isdir(cfg.out) or os.listdir(cfg.out)) and not cfg.overwrite:
-        refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new "
-               f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
-    if cfg.overwrite and exists and saved_flags(cfg.out) is None:
-        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
-               f"alone; choose another")
     base = os.path.abspath(cfg.out)                                 # the folder OUT is made in
     while not os.path.exists(base):
         base = os.path.dirname(base)
     if not (os.path.isdir(base) and os.access(base, os.W_OK)):
-        refuse(f"--out {cfg.out!r} cannot be created: {base!r} is not a writable directory")
+        refuse(f"--out {cfg.out!r} cannot be written: {base!r} is not a writable directory")
     return cfg
+
+def check_folder(cfg):
+    """BadInput unless OUT can take a new run: empty, or a run that --overwrite replaces. Checked
+    under OUT's lock (lock_folder), so that no other run changes it meanwhile."""
+    if cfg.resume:
+        return
+    if cfg.overwrite and os.path.islink(cfg.out):
+        refuse(f"--overwrite: {cfg.out!r} is a symbolic link, left alone; give the folder itself")
+    if cfg.overwrite and saved_flags(cfg.out) is None:
+        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
+               f"alone; choose another")
+    ours = [name for name in os.listdir(cfg.out) if not name.endswith(".tmp")]
+    if ours and not cfg.overwrite:
+        refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new "
+               f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
+
+def lock_folder(out):
+    """OUT, made if need be, and a lock on it that this process holds until it ends, however it
+    ends (the system frees a flock with its holder): one run per folder. Returns the lock."""
+    os.makedirs(out, exist_ok=True)
+    lock = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        refuse(f"--out {out!r} is in use by a run that is still going; wait for it to end, or "
+               f"choose another folder")
+    return lock
 
 def check_flags(cfg, task):
     """BadInput unless the flags, a resumed run's too, fit each other, the task and this machine."""
@@ -1011,30 +1125,71 @@ def print_line(line):
     tqdm.write(line)
     sys.stdout.flush()
 
+def discard(out, existed):
+    """A new run that stops before its first checkpoint leaves no folder behind."""
+    if not existed and not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        shutil.rmtree(out)
+
+def resume_hint(out):
+    """How to go on with the stopped run in OUT, if it has a checkpoint."""
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(checkpoint):
+        return ""
+    return f". Its last good checkpoint is {checkpoint}: go on with --resume {out}"
+
+def out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+def stop(message, status):
+    print(f"dpg_min.py: {message}", file=sys.stderr)
+    sys.exit(status)
+
 def main(argv=None):
     cfg = None
+    lock = None
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         task = load_task(cfg)                                       # read once, here
         check_flags(cfg, task)
-        ckpt = read_checkpoint(cfg.out) if cfg.resume else None
+        existed = os.path.isdir(cfg.out)
+        lock = lock_folder(cfg.out)                                 # held until we exit
+        check_folder(cfg)
+        ckpt = resumed_checkpoint(cfg, task) if cfg.resume else None
         a, tokenizer = load_lm(cfg.model, task_words(task))
         positions = getattr(a.config, "max_position_embeddings", math.inf)
         if cfg.seq_len + 1 > positions:
             refuse(f"--seq-len {cfg.seq_len} is too long for {cfg.model} ({positions} positions)")
-        train(cfg, task, a, tokenizer, ckpt, log=print_line)
+        try:
+            train(cfg, task, a, tokenizer, ckpt, log=print_line)
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            refuse(f"out of memory ({str(e).strip().splitlines()[0][:80]}...): lower "
+                   f"--forward-batch-size, the rows a forward pass holds, or --batch-size")
     except BadInput as e:
-        print(f"dpg_min.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {e}", 2)
     except NotFinite as e:
-        if os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-            e = (f"{e}. Its last good checkpoint is {cfg.out}/checkpoint.pt: go on with "
-                 f"--resume {cfg.out}")
-        print(f"dpg_min.py: stopped: {e}", file=sys.stderr)
-        sys.exit(1)
+        stop(f"stopped: {e}{resume_hint(cfg.out)}", 1)
+    except KeyboardInterrupt:
+        hint = ""
+        if lock is not None:
+            hint = resume_hint(cfg.out)
+        stop(f"interrupted{hint}", 130)
     except BrokenPipeError:                 # `... | head` stopped reading: the run is not over
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as e:
+        if e.errno != errno.ENOSPC or lock is None:
+            raise
+        for name in os.listdir(cfg.out):            # no half-written file keeps the disk full
+            if name.endswith(".tmp"):
+                remove(os.path.join(cfg.out, name))
+        stop(f"stopped: the disk is full ({e}){resume_hint(cfg.out)}", 1)
+    finally:
+        if lock is not None and not cfg.resume:
+            discard(cfg.out, existed)
+        if lock is not None:
+            os.close(lock)
 
 if __name__ == "__main__":
     main()

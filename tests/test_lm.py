@@ -101,9 +101,8 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.tensor(logits))
 
-    def forward(self, input_ids, attention_mask, past_key_values):
-        return SimpleNamespace(logits=self.logits.expand(len(input_ids), 1, -1),
-                               past_key_values=None)
+    def forward(self, input_ids, attention_mask, cache):
+        return SimpleNamespace(logits=self.logits.expand(len(input_ids), 1, -1), cache=None)
 
 
 def test_sampler_never_draws_a_token_of_probability_zero():

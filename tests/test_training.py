@@ -269,7 +269,8 @@ def test_an_overflowing_weight_stops_the_run_before_anything_is_kept(small_confi
                        forward_batch_size=64)
     with pytest.raises(dm.NotFinite, match=r"^step 0: Ẑ of this round is infinite"):
         run_tiny(cfg)
-    assert sorted(os.listdir(cfg.out)) == ["config.json"]
+    assert sorted(os.listdir(cfg.out)) == ["config.json", "metrics.jsonl"]
+    assert os.path.getsize(os.path.join(cfg.out, "metrics.jsonl")) == 0
 
 
 def test_a_lambda_fit_short_of_its_targets_is_reported_and_training_goes_on(small_config, run_tiny,
