@@ -798,6 +798,7 @@ def save_policy(pi, tokenizer, cfg):
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
         bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
     tmp = os.path.join(cfg.out, "pi.tmp")
+    transformers.utils.logging.disable_progress_bar()   # no bar for one small write
     pi.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):

@@ -1,0 +1,282 @@
+"""The run folder survives anything: real processes killed during its first, a checkpoint's and
+the final write resume to the uninterrupted run; one run per folder; --resume checks what it
+continues; a full disk, Ctrl-C and a π broken by its last update stop with one line."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dpg_min as dm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RUN = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "4", "--eval-interval",
+       "1", "--save-interval", "2", "--q-update-interval", "2", "--batch-size", "16",
+       "--forward-batch-size", "16", "--eval-samples", "16", "--seq-len", "8",
+       "--diversity-samples", "16"]
+
+# `python -c KILLER NAME N FLAGS...`: dpg_min.main(FLAGS) in a process that kills itself with
+# SIGKILL at the N-th rename onto OUT/NAME, once the file's new version is written whole under its
+# temporary name: the last moment before the write takes effect.
+KILLER = """
+import os, signal, sys
+import dpg_min
+name, n = sys.argv[1], int(sys.argv[2])
+replace = os.replace
+seen = []
+def replace_or_die(src, dst):
+    seen.append(os.path.basename(dst) == name)
+    if sum(seen) == n and seen[-1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+os.replace = replace_or_die
+dpg_min.main(sys.argv[3:])
+"""
+
+
+def run_killed(name, n, flags):
+    result = subprocess.run([sys.executable, "-c", KILLER, name, str(n), *flags], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+def main_exit(args, capsys):
+    """dm.main(args) that must exit: (status, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        dm.main(args)
+    return info.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run of RUN, in a process of its own."""
+    out = str(tmp_path_factory.mktemp("whole") / "run")
+    subprocess.run([sys.executable, "dpg_min.py", *RUN, "--out", out], cwd=ROOT, check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("name, n", [
+    ("metrics.jsonl", 1),           # the first write, config.json, landed; the log's did not
+    ("checkpoint.pt", 2),           # during the checkpoint of step 2
+    ("model.safetensors", 1),       # during the final save, once the run had finished
+])
+def test_a_kill_at_any_write_then_resume_gives_the_uninterrupted_run(tmp_path, whole, read_metrics,
+                                                                     without_seconds, name, n):
+    out = str(tmp_path / "run")
+    run_killed(name, n, RUN + ["--out", out])
+    assert [f for f in os.listdir(out) if f.endswith(".tmp")]          # the write it was killed in
+    dm.main(["--resume", out])
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    pi = AutoModelForCausalLM.from_pretrained(out)
+    theirs = AutoModelForCausalLM.from_pretrained(whole)
+    assert all(torch.equal(p, q) for p, q in zip(pi.parameters(), theirs.parameters()))
+
+
+def test_a_kill_before_the_first_write_lands_leaves_no_run_and_the_command_starts_again(
+        tmp_path, whole, read_metrics, without_seconds, capsys):
+    out = str(tmp_path / "run")
+    run_killed("config.json", 1, RUN + ["--out", out])
+    assert os.listdir(out) == ["config.json.tmp"]
+    code, err = main_exit(["--resume", out], capsys)
+    assert code == 2 and "no dpg_min run there (no config.json)" in err
+    dm.main(RUN + ["--out", out])                                   # the leftover is ignored
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
+
+
+def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_blocks(
+        finished, capsys, files_of):
+    out = str(finished)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, dpg_min; "
+                               "dpg_min.lock_folder(sys.argv[1]); print(1, flush=True); "
+                               "time.sleep(60)", out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "1\n"                        # it holds the lock
+    before = files_of(out)
+    for args in (RUN + ["--out", out], ["--resume", out, "--steps", "6"],
+                 RUN + ["--out", out, "--overwrite"]):
+        code, err = main_exit(args, capsys)
+        assert code == 2 and "is in use by a run that is still going" in err
+    assert files_of(out) == before
+    holder.kill()
+    holder.wait()
+    dm.main(["--resume", out, "--steps", "6"])
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["s"]["step"] == 6
+
+
+def test_two_runs_started_into_one_new_folder_give_one_run_and_one_refusal(tmp_path,
+                                                                           read_metrics):
+    out = str(tmp_path / "run")
+    runs = [subprocess.Popen([sys.executable, "dpg_min.py", *RUN, "--out", out], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = sorted((p.wait(), p.stderr.read()) for p in runs)
+    assert [code for code, _ in results] == [0, 2], results
+    assert ("is in use by a run that is still going" in results[1][1]
+            or "already exists and is not an empty directory" in results[1][1])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def finished(tmp_path, whole):
+    """A copy of the uninterrupted run, to damage."""
+    return shutil.copytree(whole, tmp_path / "copy")
+
+
+def cut_log(out):
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+
+
+def delete_log(out):
+    (out / "metrics.jsonl").unlink()
+
+
+def edit_batch_size(out):
+    config = json.loads((out / "config.json").read_text())
+    config["dpg_min"]["batch_size"] = 32
+    (out / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (cut_log, "metrics.jsonl holds 12 bytes, fewer than the"),
+    (delete_log, "metrics.jsonl holds 0 bytes"),
+    (edit_batch_size, "checkpoint.pt is not of the run that config.json describes"),
+])
+def test_resume_refuses_what_it_cannot_continue_in_one_line_changing_nothing(finished, files_of,
+                                                                             capsys, damage,
+                                                                             message):
+    damage(finished)
+    before = files_of(finished)
+    code, err = main_exit(["--resume", str(finished), "--steps", "6"], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert files_of(finished) == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, finished, files_of, capsys):
+    other = str(tmp_path / "other")
+    dm.main(RUN + ["--out", other, "--seed", "13"])
+    shutil.copy(os.path.join(other, "checkpoint.pt"), finished / "checkpoint.pt")
+    before = files_of(finished)
+    code, err = main_exit(["--resume", str(finished), "--steps", "6"], capsys)
+    assert code == 2 and "checkpoint.pt is not of the run that config.json describes" in err
+    assert files_of(finished) == before
+
+
+def test_resume_refuses_an_edited_word_list(tmp_path, files_of, capsys):
+    words = tmp_path / "words.txt"
+    words.write_text("zebra\nokapi\n")
+    out = str(tmp_path / "run")
+    dm.main(["--model", "tiny", "--wordlist", str(words), "--steps", "2", "--batch-size", "16",
+             "--eval-samples", "16", "--seq-len", "8", "--out", out])
+    words.write_text("zebra\nokapi\ngiraffe\n")
+    before = files_of(out)
+    code, err = main_exit(["--resume", out, "--steps", "4"], capsys)
+    assert code == 2 and "the task's words changed since the run started" in err
+    assert files_of(out) == before
+
+
+def test_a_run_with_config_but_no_checkpoint_resumes_from_step_0(tmp_path, whole, read_metrics,
+                                                                  without_seconds):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(os.path.join(whole, "config.json"), out)
+    (out / "metrics.jsonl").write_text('{"step": 0, "half a li')
+    dm.main(["--resume", str(out)])
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    save = torch.save
+
+    def disk_fills_up(obj, path):
+        save(obj, path)
+        if os.path.basename(path) == "checkpoint.pt.tmp" and os.path.getsize(path) > 0:
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    code, err = main_exit(RUN + ["--out", out], capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("dpg_min.py: stopped: the disk is full ([Errno 28] No space left")
+    assert not os.path.exists(out)              # the new run had no checkpoint: nothing is kept
+
+
+def test_ctrl_c_is_one_line_that_names_resume(tmp_path, capsys, monkeypatch, read_metrics):
+    out = str(tmp_path / "run")
+    print_line = dm.print_line
+
+    def ctrl_c_at_step_3(line):
+        if line.startswith("step 3/"):
+            raise KeyboardInterrupt
+        print_line(line)
+    monkeypatch.setattr(dm, "print_line", ctrl_c_at_step_3)
+    code, err = main_exit(RUN + ["--out", out], capsys)
+    assert code == 130 and err == (f"dpg_min.py: interrupted. Its last good checkpoint is "
+                                   f"{out}/checkpoint.pt: go on with --resume {out}")
+    monkeypatch.undo()
+    dm.main(["--resume", out])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
+
+
+def test_an_update_that_breaks_pi_never_reaches_a_checkpoint(tmp_path, capsys, monkeypatch,
+                                                             read_metrics):
+    """Adam's step at step 2 leaves a NaN in π's weights: the run stops before the checkpoint of
+    step 2, so that of step 0 is the last good one, and resuming (the cause gone) finishes."""
+    out = str(tmp_path / "run")
+    step = torch.optim.Adam.step
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    code, err = main_exit(RUN + ["--out", out], capsys)
+    assert code == 1 and err.startswith("dpg_min.py: stopped: step 2: π's log-probabilities are")
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ckpt["s"]["step"] == 0
+    assert all(torch.isfinite(p).all() for p in ckpt["pi"].values())
+    monkeypatch.undo()
+    dm.main(["--resume", out, "--lr", "1e-4"])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
+
+
+def test_overwrite_refuses_a_symbolic_link(tmp_path, whole, capsys, files_of):
+    link = tmp_path / "link"
+    link.symlink_to(whole)
+    before = files_of(whole)
+    code, err = main_exit(RUN + ["--out", str(link), "--overwrite"], capsys)
+    assert code == 2 and "is a symbolic link, left alone" in err
+    assert files_of(whole) == before
+
+
+def test_samples_is_never_ignored(tmp_path):
+    tiny = dm.parse_config(["--model", "tiny", "--samples", "256", "--out", str(tmp_path / "a")])
+    assert tiny.steps is None and dm.n_steps_of(tiny, [1.0]) == 2       # the preset's 240 yields
+    out = tmp_path / "b"
+    out.mkdir()
+    saved = dict(model="tiny", steps=240, batch_size=128)
+    (out / "config.json").write_text(json.dumps({"dpg_min": saved}))
+    resumed = dm.parse_config(["--resume", str(out), "--samples", "512"])
+    assert resumed.steps is None and dm.n_steps_of(resumed, [1.0]) == 4
+
+
+def test_a_run_prints_nothing_but_its_own_lines(tmp_path):
+    """No warning of transformers (the sampler's cache argument), no progress bar: stderr is
+    empty and every stdout line is ours."""
+    result = subprocess.run([sys.executable, "-W", "default", "dpg_min.py", *RUN,
+                             "--out", str(tmp_path / "run")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    starts = ("GDC++ on", "step ", "    ", "saved π to")
+    assert all(line.startswith(starts) for line in result.stdout.splitlines()), result.stdout
