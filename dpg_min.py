@@ -11,8 +11,8 @@ bias (Facts 1-2), and an advantage centred on zero (Fig. 2).
 Top to bottom: Config, the math (pure functions of log-probs, checked exactly by toy_exact.py), LM
 plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command line.
 """
-import argparse, copy, errno, fcntl, importlib.util, json, math, os, random, re, shutil, socket
-import sys, time
+import argparse, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os, random, re
+import shutil, socket, sys, time
 from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -376,8 +376,9 @@ def from_pretrained(auto_class, name, flag):
         check_gguf(name, flag)
     offline = not os.path.exists(folder) and not hub_reachable()
     try:
-        model = getattr(transformers, auto_class).from_pretrained(
-            folder, gguf_file=file, local_files_only=offline)       # a GGUF's weights in float32
+        with contextlib.redirect_stderr(io.StringIO()):     # the GGUF reader's own progress bar
+            model = getattr(transformers, auto_class).from_pretrained(
+                folder, gguf_file=file, local_files_only=offline)   # a GGUF's weights in float32
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             folder, gguf_file=file, local_files_only=offline)
     except (OSError, ValueError) as e:

