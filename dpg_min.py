@@ -1012,9 +1012,7 @@ def resumed_checkpoint(cfg, task):
         refuse(f"--resume {cfg.out!r}: the task's words changed since the run started (an edited "
                f"--wordlist?); {again}")
     metrics = os.path.join(cfg.out, "metrics.jsonl")
-    size = 0
-    if os.path.exists(metrics):
-        size = os.path.getsize(metrics)
+    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
     if size < ckpt["metrics_bytes"]:
         refuse(f"--resume {cfg.out!r}: metrics.jsonl holds {size} bytes, fewer than the "
                f"{ckpt['metrics_bytes']} its checkpoint logged; {again}")
@@ -1139,9 +1137,6 @@ def resume_hint(out):
         return ""
     return f". Its last good checkpoint is {checkpoint}: go on with --resume {out}"
 
-def out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
-
 def stop(message, status):
     print(f"dpg_min.py: {message}", file=sys.stderr)
     sys.exit(status)
@@ -1164,18 +1159,16 @@ def main(argv=None):
         try:
             train(cfg, task, a, tokenizer, ckpt, log=print_line)
         except RuntimeError as e:
-            if not out_of_memory(e):
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
-            refuse(f"out of memory ({str(e).strip().splitlines()[0][:80]}...): lower "
-                   f"--forward-batch-size, the rows a forward pass holds, or --batch-size")
+            refuse("out of memory for these sizes: lower --forward-batch-size (the rows of a "
+                   "forward pass), --batch-size or --eval-samples")
     except BadInput as e:
         stop(f"error: {e}", 2)
     except NotFinite as e:
         stop(f"stopped: {e}{resume_hint(cfg.out)}", 1)
     except KeyboardInterrupt:
-        hint = ""
-        if lock is not None:
-            hint = resume_hint(cfg.out)
+        hint = resume_hint(cfg.out) if lock is not None else ""
         stop(f"interrupted{hint}", 130)
     except BrokenPipeError:                 # `... | head` stopped reading: the run is not over
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
