@@ -262,7 +262,8 @@ def test_the_program_prints_one_line_and_no_traceback_on_bad_input():
 
 def test_the_command_line_runs_end_to_end(tmp_path, read_metrics):
     """`python dpg_min.py ... --model tiny` with a custom word: exit 0, metrics, config and model
-    saved."""
+    saved; it prints nothing but its own lines (no warning of transformers about the sampler's
+    cache argument, no progress bar)."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "dpg_min.py", "--model", "tiny", "--word", "zebra",
                              "--baseline", "--steps", "2", "--batch-size", "16", "--seq-len", "8",
@@ -275,6 +276,9 @@ def test_the_command_line_runs_end_to_end(tmp_path, read_metrics):
     assert config["word"] == "zebra" and config["seq_len"] == 8 and config["lr"] == dm.TINY["lr"]
     assert (out / "model.safetensors").exists() and (out / "checkpoint.pt").exists()
     assert "step 2/2" in result.stdout and f"saved π to {out}" in result.stdout
+    assert result.stderr == ""
+    starts = ("GDC++ on", "step ", "    ", "saved π to")
+    assert all(line.startswith(starts) for line in result.stdout.splitlines()), result.stdout
 
 
 def test_a_closed_stdout_during_training_is_exit_1_without_a_traceback(monkeypatch, capfd):

@@ -56,10 +56,9 @@ def main_exit(args, capsys):
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
-    """The uninterrupted run of RUN, in a process of its own."""
+    """The uninterrupted run of RUN."""
     out = str(tmp_path_factory.mktemp("whole") / "run")
-    subprocess.run([sys.executable, "dpg_min.py", *RUN, "--out", out], cwd=ROOT, check=True,
-                   capture_output=True)
+    dm.main(RUN + ["--out", out])
     return out
 
 
@@ -269,14 +268,3 @@ def test_samples_is_never_ignored(tmp_path):
     (out / "config.json").write_text(json.dumps({"dpg_min": saved}))
     resumed = dm.parse_config(["--resume", str(out), "--samples", "512"])
     assert resumed.steps is None and dm.n_steps_of(resumed, [1.0]) == 4
-
-
-def test_a_run_prints_nothing_but_its_own_lines(tmp_path):
-    """No warning of transformers (the sampler's cache argument), no progress bar: stderr is
-    empty and every stdout line is ours."""
-    result = subprocess.run([sys.executable, "-W", "default", "dpg_min.py", *RUN,
-                             "--out", str(tmp_path / "run")],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and result.stderr == ""
-    starts = ("GDC++ on", "step ", "    ", "saved π to")
-    assert all(line.startswith(starts) for line in result.stdout.splitlines()), result.stdout
