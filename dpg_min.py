@@ -730,12 +730,16 @@ def fit_lambda(target, cfg, log):
             f"goes on")
     return lam
 
-def remove(path):
-    """Deletes a file, a link or a folder with all it holds."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.remove(path)
+def clear(out, everything=False):
+    """Deletes what unfinished writes left in OUT (NAME.tmp, files or folders), or everything."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if not everything and not name.endswith(".tmp"):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 def write_whole(path, write):
     """write(TMP), then TMP renamed to path: the file is whole or absent, never half written, even
@@ -745,18 +749,15 @@ def write_whole(path, write):
 
 def start_run_folder(cfg, config, metrics_bytes):
     """OUT/config.json (the model's config and the run's flags) and metrics.jsonl cut to the
-    checkpoint's bytes (empty for a new run). Called once the run's input is known good, so that
-    bad input writes nothing; --overwrite empties OUT only now. Returns metrics.jsonl's path."""
+    checkpoint's bytes (empty for a new run), once unfinished writes' leftovers are gone. Called
+    once the run's input is known good, so that bad input writes nothing; --overwrite empties OUT
+    only now. Returns metrics.jsonl's path."""
     os.makedirs(cfg.out, exist_ok=True)
-    for name in os.listdir(cfg.out):
-        if cfg.overwrite or name.endswith(".tmp"):              # a killed write's leftovers
-            remove(os.path.join(cfg.out, name))
+    clear(cfg.out, everything=cfg.overwrite)
     config.dpg_min = asdict(cfg)
     write_whole(os.path.join(cfg.out, "config.json"), config.to_json_file)
     metrics = os.path.join(cfg.out, "metrics.jsonl")
-    kept = b""
-    if metrics_bytes:
-        kept = Path(metrics).read_bytes()[:metrics_bytes]
+    kept = Path(metrics).read_bytes()[:metrics_bytes] if metrics_bytes else b""
     write_whole(metrics, lambda tmp: Path(tmp).write_bytes(kept))
     return metrics
 
@@ -1176,9 +1177,7 @@ def main(argv=None):
     except OSError as e:
         if e.errno != errno.ENOSPC or lock is None:
             raise
-        for name in os.listdir(cfg.out):            # no half-written file keeps the disk full
-            if name.endswith(".tmp"):
-                remove(os.path.join(cfg.out, name))
+        clear(cfg.out)                              # no half-written file keeps the disk full
         stop(f"stopped: the disk is full ({e}){resume_hint(cfg.out)}", 1)
     finally:
         if lock is not None and not cfg.resume:
