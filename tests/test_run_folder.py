@@ -91,6 +91,19 @@ def test_a_kill_before_the_first_write_lands_leaves_no_run_and_the_command_start
     assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
 
 
+def test_a_kill_as_resume_rewrites_config_json_leaves_the_old_one_whole(tmp_path, whole,
+                                                                        read_metrics,
+                                                                        without_seconds):
+    """A run of 2 steps, resumed to 4: killed as the resume replaces config.json, then resumed
+    again, it ends as the 4-step run (steps 0-2 are the same in both)."""
+    out = str(tmp_path / "run")
+    dm.main(RUN + ["--steps", "2", "--out", out])
+    run_killed("config.json", 1, ["--resume", out, "--steps", "4"])
+    assert json.load(open(os.path.join(out, "config.json")))["dpg_min"]["steps"] == 2
+    dm.main(["--resume", out, "--steps", "4"])
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
+
+
 def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_blocks(
         finished, capsys, files_of):
     out = str(finished)
