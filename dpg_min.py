@@ -359,8 +359,7 @@ def check_gguf(path, flag):
     try:
         n_tensors = len(GGUFReader(path).tensors)
     except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read {flag} {path!r} ({e}): a partial download? Fetch it "
-                       f"again") from None
+        raise BadInput(f"cannot read {flag} {path!r} ({e}); download it again") from None
     if n_tensors == 0:
         raise BadInput(f"{flag} {path!r} holds no weights, only a header; download it again")
 
@@ -794,8 +793,7 @@ def restore_checkpoint(ckpt, models, cfg):
 def save_policy(pi, tokenizer, cfg):
     """π and its tokenizer, for from_pretrained, with generation settings under which `generate`
     samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop.
-    Saved in OUT/pi.tmp, then each file moved into OUT, the weights last: π is whole once they
-    are there (pi_saved)."""
+    Staged in OUT/pi.tmp, then moved into OUT file by file, the weights last (see pi_saved)."""
     pi.generation_config = transformers.GenerationConfig(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
         bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
@@ -808,7 +806,10 @@ def save_policy(pi, tokenizer, cfg):
     os.rmdir(tmp)
 
 def pi_saved(out):
-    return any(name.startswith("model.safetensors") for name in os.listdir(out))
+    """Whether OUT holds the π of its last checkpoint: π's weights, moved in last, are newer."""
+    checkpoint = os.path.getmtime(os.path.join(out, "checkpoint.pt"))
+    weights = [os.path.join(out, n) for n in os.listdir(out) if n.startswith("model.safetensors")]
+    return any(os.path.getmtime(path) >= checkpoint for path in weights)
 
 def fmt(values):
     """Numbers as a step's line shows them: 3 significant digits, a list's joined by '/'."""

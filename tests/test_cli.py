@@ -117,7 +117,7 @@ BAD = [
     (["--resume", "FOREIGN"], "checkpoint.pt is not of the run that config.json describes"),
     (["--resume", "EDITED"], "config.json was edited: argument --lr: invalid float value: 'fast'"),
     (["--model", "HEADER"], "holds no weights, only a header"),
-    (["--model", "CUT"], "a partial download? Fetch it again"),
+    (["--model", "CUT"], "cannot read --model"),  # then the reader's reason; download it again
     (["--seed", "-1"], "argument --seed: must be from 0 to 2**32 - 1"),
     (["--seed", str(2**32)], "argument --seed: must be from 0 to 2**32 - 1"),
     (["--device", "gpu"], "argument --device: must be cpu, cuda or cuda:N, got 'gpu'"),

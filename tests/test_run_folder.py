@@ -104,6 +104,19 @@ def test_a_kill_as_resume_rewrites_config_json_leaves_the_old_one_whole(tmp_path
     assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
 
 
+def test_a_kill_in_the_final_save_of_a_resumed_run_is_not_taken_for_its_earlier_pi(tmp_path,
+                                                                                    whole):
+    """The π of step 2 is on disk when the resume to step 4 is killed as it moves in its own π:
+    --resume must write the π of step 4, not call the run finished."""
+    out = str(tmp_path / "run")
+    dm.main(RUN + ["--steps", "2", "--out", out])
+    run_killed("model.safetensors", 1, ["--resume", out, "--steps", "4"])
+    dm.main(["--resume", out, "--steps", "4"])
+    pi = AutoModelForCausalLM.from_pretrained(out)
+    theirs = AutoModelForCausalLM.from_pretrained(whole)
+    assert all(torch.equal(p, q) for p, q in zip(pi.parameters(), theirs.parameters()))
+
+
 def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_blocks(
         finished, capsys, files_of):
     out = str(finished)
