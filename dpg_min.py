@@ -42,7 +42,7 @@ NATURAL = checked(int, lambda v: v >= 0, "0 or more")
 FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
 WORD = checked(str, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
 SEED = checked(int, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seeds)")
-DEVICE = checked(str, re.compile(r"(cpu|cuda(:\d+)?)?").fullmatch, "cpu, cuda or cuda:N")
+DEVICE = checked(str, re.compile(r"cpu|cuda(:\d+)?").fullmatch, "cpu, cuda or cuda:N")
 
 def arg(default, help, type=None, choices=None):
     """A Config field: its default, its --help text, and what argparse checks the flag with."""
@@ -1181,9 +1181,8 @@ def main(argv=None):
         clear(cfg.out)                              # no half-written file keeps the disk full
         stop(f"stopped: the disk is full ({e}){resume_hint(cfg.out)}", 1)
     finally:
-        if lock is not None and not cfg.resume:
+        if lock is not None:                # a resumed run's folder existed: discard keeps it
             discard(cfg.out, existed)
-        if lock is not None:
             os.close(lock)
 
 if __name__ == "__main__":

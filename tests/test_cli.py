@@ -219,7 +219,8 @@ def test_an_explicitly_empty_value_of_any_text_flag_is_bad_input(tmp_path, capsy
     names = [f.name for f in fields(dm.Config) if f.type is str]
     assert {"task", "word", "wordlist", "moments", "classifier", "method", "model", "out", "resume",
             "device"} <= set(names)
-    typed = {"word": "--word: must be a word", "method": "--method: invalid choice: ''"}
+    typed = {"word": "--word: must be a word", "method": "--method: invalid choice: ''",
+             "device": "--device: must be cpu, cuda or cuda:N, got ''"}
     for name in names:
         flag = "--" + name.replace("_", "-")
         message = typed.get(name, f'{flag} "": give it a value, or leave the flag out')

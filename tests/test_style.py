@@ -14,7 +14,7 @@ FILES = sorted(os.path.relpath(p, ROOT) for pattern in ("*.py", "tests/*.py", "f
 # Issue 18 asked 900 for dpg_min.py; at these density rules, with every capability kept, it measured
 # 1,040, and issue 19's run folder (atomic writes, lock, resume's checks, one-line stops) added 150
 # where 40 were asked (the closing notes say where the lines go). The budget holds today's size.
-BUDGETS = {"dpg_min.py": 1190, "toy_exact.py": 700}
+BUDGETS = {"dpg_min.py": 1189, "toy_exact.py": 700}
 MAX_PARAMS = {"dpg_min.py": 6}
 PACKED = (ast.Tuple, ast.BoolOp, ast.IfExp,                     # written as statements, these pack
           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)   # side effects in one line
