@@ -106,10 +106,9 @@ def test_a_short_gdcpp_run_logs_every_metric_and_saves_a_reloadable_pi(smol, tmp
     a, tokenizer = smol
     out = str(tmp_path / "run")
     flags = ["--model", GGUF, "--word", "the", "--baseline", "--batch-size", "4",
-             "--forward-batch-size", "4", "--seq-len", "8", "--steps", "2", "--eval-interval", "1",
+             "--forward-batch-size", "4", "--seq-len", "8", "--steps", "1", "--eval-interval", "1",
              "--eval-samples", "8", "--diversity-samples", "8", "--q-update-interval", "1",
-             "--grad-var-interval", "2", "--grad-var-samples", "2", "--lr", "1e-4",
-             "--warmup", "0", "--out", out]
+             "--lr", "1e-4", "--warmup", "0", "--out", out]
 
     def load_a_copy(name, extra=()):
         return copy.deepcopy(a), tokenizer
@@ -117,12 +116,12 @@ def test_a_short_gdcpp_run_logs_every_metric_and_saves_a_reloadable_pi(smol, tmp
     dm.main(flags)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert rows[1]["var_G"] is None                             # Var(G) every 2 steps: at step 2
-    for r in rows[1:]:      # every metric of a GDC++ step is a finite number; β is Ziegler's alone
-        assert r.pop("beta") is None and 0 <= r.pop("E_pi_phi")[0] <= 1
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in r.items()
-                   if r["step"] == 2 or k != "var_G"), r
+    assert [r["step"] for r in rows] == [0, 1]
+    # every metric of a GDC++ step is a finite number; β is Ziegler's alone, Var(G) on request
+    # (tests/test_training.py: 8 s here)
+    r = rows[1]
+    assert r.pop("beta") is None and r.pop("var_G") is None and 0 <= r.pop("E_pi_phi")[0] <= 1
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in r.values()), r
     # step 0 evaluates a itself: π = a
     assert abs(rows[0]["kl_pi_a"]) < 1e-4 and rows[0]["var_A"] is None
     pi = AutoModelForCausalLM.from_pretrained(out)        # the saved π, as the log says to load it
@@ -132,7 +131,7 @@ def test_a_short_gdcpp_run_logs_every_metric_and_saves_a_reloadable_pi(smol, tmp
     assert not torch.equal(dm.sequence_logprob(pi, ids), dm.sequence_logprob(a, ids))
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False,
                       mmap=True)
-    pi_at_2 = copy.deepcopy(a)
-    pi_at_2.load_state_dict(ckpt["pi"])
-    assert torch.allclose(dm.sequence_logprob(pi, ids), dm.sequence_logprob(pi_at_2, ids),
+    pi_at_1 = copy.deepcopy(a)
+    pi_at_1.load_state_dict(ckpt["pi"])
+    assert torch.allclose(dm.sequence_logprob(pi, ids), dm.sequence_logprob(pi_at_1, ids),
                           atol=1e-9)
