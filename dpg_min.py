@@ -11,8 +11,8 @@ bias (Facts 1-2), and an advantage centred on zero (Fig. 2).
 Top to bottom: Config, the math (pure functions of log-probs, checked exactly by toy_exact.py), LM
 plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command line.
 """
-import argparse, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os, random, re
-import shutil, socket, sys, time
+import argparse, atexit, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os
+import random, re, shutil, socket, sys, time
 from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -275,10 +275,13 @@ def bos_of(tokenizer):
 
 @torch.no_grad()
 def sample(model, n, T, bos_id, chunk=256):
-    """n exact ancestral samples of T tokens: ids (n, T + 1), log m(x) (n,) in float64. Not
-    `generate`, whose default top-k and EOS stop sample another distribution (wrong P/q)."""
+    """n exact ancestral samples of T tokens: ids (n, T + 1), log m(x) (n,) in float64; each
+    process draws its own rows, and every process gets all n. Not `generate`, whose default top-k
+    and EOS stop sample another distribution (wrong P/q)."""
     device = next(model.parameters()).device
     U = torch.rand(n, T, dtype=torch.float64, device=device)    # drawn first: chunks don't change x
+    U = U[own_rows(n)]                                          # nor the number of processes
+    n = len(U)
     all_ids = []
     all_logp = []
     for start in range(0, n, chunk):
@@ -296,7 +299,7 @@ def sample(model, n, T, bos_id, chunk=256):
             ids = torch.cat([ids, x], dim=1)
         all_ids.append(ids)
         all_logp.append(logp)
-    return torch.cat(all_ids), torch.cat(all_logp)
+    return gather(torch.cat(all_ids), torch.cat(all_logp))
 
 def token_logprobs(model, ids, v_head=None):
     """log m(y_t | BOS, y_<t) (B, T) of ids (B, T + 1); with PPO's value head, also the value V
@@ -312,6 +315,45 @@ def token_logprobs(model, ids, v_head=None):
 def sequence_logprob(model, ids, chunk=256):
     """log m(x) (B,) in float64: the sum, not the mean, of T token log-probs; `chunk` rows a pass"""
     return torch.cat([token_logprobs(model, x).double().sum(1) for x in ids.split(chunk)])
+
+# --- Processes. Under `torchrun --nproc_per_node N`, process r of N draws the same uniforms as
+# all the others and samples and scores only its r-th share of each batch; `gather` gives every
+# process the whole batch, so every estimate, λ and q ← π are the same numbers on all of them.
+RANK = int(os.environ.get("RANK", 0))               # r, set by torchrun (nanoGPT's names)
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))   # N
+
+def own_rows(n):
+    """The rows of a batch of n that this process samples and differentiates: its r-th N-th."""
+    return slice(RANK * n // WORLD_SIZE, (RANK + 1) * n // WORLD_SIZE)
+
+def gather(*xs):
+    """Each tensor of xs with every process's rows, in rank order: the whole batch."""
+    if WORLD_SIZE == 1:
+        return xs
+    wholes = []
+    for x in xs:
+        parts = [torch.empty_like(x) for _ in range(WORLD_SIZE)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        wholes.append(torch.cat(parts))
+    return wholes
+
+def sum_grads(opt):
+    """Sums the processes' gradients: each one's loss is its rows' share of the batch mean."""
+    if WORLD_SIZE == 1:
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:                      # no rows of this PPO minibatch here
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+def from_writer(x):
+    """Process 0's x, on every process: it alone writes, so its checks and names rule."""
+    if WORLD_SIZE == 1:
+        return x
+    box = [x]
+    torch.distributed.broadcast_object_list(box)
+    return box[0]
 
 TINY_SIZES = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64)     # `--model tiny`
 
@@ -556,12 +598,14 @@ def log_P_of(logp_a, phi, mu_bar, lam):
 Target = namedtuple("Target", "a tokenizer task classify lam")
 
 def score(target, ids, chunk):
-    """log a(x), φ(x) and log P(x) of samples ids (N, T + 1), `chunk` rows per forward pass."""
+    """log a(x), φ(x) and log P(x) of samples ids (N, T + 1), `chunk` rows per forward pass; each
+    process scores its own rows, and every process gets all N."""
+    ids = ids[own_rows(len(ids))]
     logp_a = sequence_logprob(target.a, ids, chunk)     # a is frozen: no graph is built
     texts = target.tokenizer.batch_decode(ids[:, 1:].tolist())
     phi = phi_matrix(target.task.features, texts, target.task.wordlists, target.classify)
     phi = phi.to(logp_a.device)
-    return logp_a, phi, log_P_of(logp_a, phi, target.task.mu_bar, target.lam)
+    return gather(logp_a, phi, log_P_of(logp_a, phi, target.task.mu_bar, target.lam))
 
 # --- Evaluation (§4.2), on exact samples of π (GDC evaluated q, with top-p 0.9, on pointwise tasks)
 def tokens_of(text):
@@ -671,15 +715,16 @@ def make_models(a, cfg, device):
     return Models(a, q, pi, v_head, opt, sched)
 
 def ppo_update(models, ids, log_P, beta, cfg, step):
-    """Ziegler on ids ~ π: GAE advantages A (B, T) of the penalised rewards (eq. 2), then PPO's
-    minibatch steps. Returns A, the next β, and Var(G) at ρ = 1 if this step measures it."""
+    """Ziegler on the batch ids ~ π: GAE advantages A (B, T) of the penalised rewards (eq. 2), then
+    PPO's minibatch steps. Returns A, the next β, and Var(G) at ρ = 1 if this step measures it."""
     a, _, pi, v_head, opt, sched = models
+    mine = own_rows(len(ids))
     with torch.no_grad():
-        chunks = ids.split(cfg.forward_batch_size)
+        chunks = ids[mine].split(cfg.forward_batch_size)
         old = [token_logprobs(pi, x, v_head) for x in chunks]
-        logp_old = torch.cat([logp for logp, _ in old])
-        V_old = torch.cat([V for _, V in old])
-        logp_a = torch.cat([token_logprobs(a, x) for x in chunks])
+        of_a = [token_logprobs(a, x) for x in chunks]
+        logp_old, V_old, logp_a = gather(torch.cat([logp for logp, _ in old]),
+                                         torch.cat([V for _, V in old]), torch.cat(of_a))
         r = kl_penalty_rewards(logp_old, logp_a, (log_P > -math.inf).double(), beta)
         A, returns = gae(r, V_old)
     check_finite(step, {"advantage A (GAE)": A})
@@ -690,12 +735,15 @@ def ppo_update(models, ids, log_P, beta, cfg, step):
         var_G = grad_variance(pi.parameters(), losses)
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(ids), device=ids.device).split(cfg.ppo_minibatch):
-            logp, V = token_logprobs(pi, ids[mb], v_head)
-            A_mb = (A[mb] - A[mb].mean()) / torch.sqrt(A[mb].var() + 1e-8)   # whitened, as GDC
+            own = mb[(mb >= mine.start) & (mb < mine.stop)]         # this process's rows of mb
             opt.zero_grad()
-            policy_loss = ppo_policy_loss(logp, logp_old[mb], A_mb)[0]
-            loss = policy_loss + 0.1 * ppo_value_loss(V, V_old[mb], returns[mb])   # GDC's c = 0.1
-            loss.backward()
+            if len(own):
+                logp, V = token_logprobs(pi, ids[own], v_head)
+                A_own = (A[own] - A[mb].mean()) / torch.sqrt(A[mb].var() + 1e-8)   # as GDC
+                policy_loss = ppo_policy_loss(logp, logp_old[own], A_own)[0]
+                loss = policy_loss + 0.1 * ppo_value_loss(V, V_old[own], returns[own])  # c = 0.1
+                (loss * len(own) / len(mb)).backward()              # its share of mb's mean
+            sum_grads(opt)
             check_finite(step, {"PPO gradient": grad_norm(opt)})
             opt.step()
             sched.step()
@@ -762,7 +810,8 @@ def start_run_folder(cfg, config, metrics_bytes):
 
 def save_checkpoint(path, models, s, target, metrics_bytes, cfg):
     """All the run's state in one file, with the flags and the task it belongs to."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    device = next(models.pi.parameters()).device
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     ckpt = dict(s=s, lam=target.lam, metrics_bytes=metrics_bytes, flags=run_flags(asdict(cfg)),
                 task=target.task._asdict(),
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(),
@@ -786,8 +835,9 @@ def restore_checkpoint(ckpt, models, cfg):
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    device = next(models.pi.parameters()).device
+    if rng["cuda"] is not None and device.type == "cuda":     # every process: process 0's state
+        torch.cuda.set_rng_state(rng["cuda"], device)
     return ckpt["s"]
 
 def save_policy(pi, tokenizer, cfg):
@@ -850,13 +900,11 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     """Fine-tune π from a toward p, writing OUT/config.json, metrics.jsonl, checkpoint.pt and π;
     returns π and the last metrics."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    writer = RANK == 0                                              # the only one that writes
     B, T, K = cfg.batch_size, cfg.seq_len, cfg.q_update_interval
     f = cfg.forward_batch_size                                      # rows per forward pass
     n_steps = n_steps_of(cfg, task.mu_bar)
     bos = bos_of(tokenizer)
-    if ckpt is not None and ckpt["s"]["step"] >= n_steps and pi_saved(cfg.out):
-        raise BadInput(f"--resume {cfg.out!r}: the run has finished its {ckpt['s']['step']} steps; "
-                       f"give --steps above {ckpt['s']['step']} to train it further")
     sentiment = any(x.startswith(SENTIMENT) for x in task.features)
     classify = load_classifier(cfg.classifier, device) if sentiment else None
     torch.manual_seed(cfg.seed)
@@ -871,7 +919,8 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         target = target._replace(lam=ckpt["lam"])
     elif n_soft:
         target = target._replace(lam=fit_lambda(target, cfg, log))
-    metrics = start_run_folder(cfg, pi.config, ckpt["metrics_bytes"] if ckpt else 0)
+    if writer:
+        metrics = start_run_folder(cfg, pi.config, ckpt["metrics_bytes"] if ckpt else 0)
     nan = math.nan
     s = dict(step=-1, seconds=0.0, Z_hat=0.0, rounds=0, q_updates=0, q_updated=False,
              beta=cfg.kl_beta if v_head else None, m=None, var_G=nan, kl_p_pi=nan,
@@ -884,7 +933,8 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
     t0 = time.time() - s["seconds"]
     first = s["step"] + 1
-    for step in tqdm(range(first, n_steps + 1), initial=first, total=n_steps + 1, disable=None):
+    for step in tqdm(range(first, n_steps + 1), initial=first, total=n_steps + 1,
+                     disable=None if writer else True):                 # bar: process 0's alone
         if step > 0:
             ids, logp_q = sample(proposal, B, T, bos, f)                # Algorithm 1 line 3: x ~ q
             logp_a, phi, log_P = score(target, ids, f)                  # line 4: log a, φ, log P
@@ -901,16 +951,17 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 # weighted by its share of B, so that any f gives the same step (GDC summed the
                 # chunks' means)
                 opt.zero_grad()
-                A = []
-                logp_pi = []
-                for i in range(0, B, f):
-                    logp_pi.append(sequence_logprob(pi, ids[i:i + f], f))
-                    loss, A_i = method_loss(cfg, logp_pi[-1], logp_q, log_P, s["Z_hat"],
-                                            slice(i, i + f))
-                    (loss * len(A_i) / B).backward()
-                    A.append(A_i)
-                A = torch.cat(A)
-                logp_pi = torch.cat(logp_pi).detach()
+                A_mine = []                                 # of this process's rows of the batch
+                logp_mine = []
+                mine = own_rows(B)
+                for i in range(mine.start, mine.stop, f):
+                    j = slice(i, min(i + f, mine.stop))
+                    logp_mine.append(sequence_logprob(pi, ids[j], f))
+                    loss, A_j = method_loss(cfg, logp_mine[-1], logp_q, log_P, s["Z_hat"], j)
+                    (loss * len(A_j) / B).backward()
+                    A_mine.append(A_j)
+                sum_grads(opt)                              # the processes meet: ∇ of all B
+                A, logp_pi = gather(torch.cat(A_mine), torch.cat(logp_mine).detach())
                 check_finite(step, {"advantage A": A, "gradient norm": grad_norm(opt)})
                 opt.step()                                              # line 6: θ ← θ + α·∇
                 sched.step()
@@ -923,12 +974,12 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             # (eq. 13), as GDC's.
             ids, logp_q = sample(q, K * B, T, bos, f)
             _, _, log_P = score(target, ids, f)
+            with torch.no_grad():
+                logp_pi = gather(sequence_logprob(pi, ids[own_rows(K * B)], f))[0]
             Z_round = estimate_Z(log_P, logp_q).item()
             check_finite(step, {"Ẑ of this round": Z_round})
             s["Z_hat"] = (Z_round + s["rounds"] * s["Z_hat"]) / (s["rounds"] + 1)
             s["rounds"] += 1
-            with torch.no_grad():
-                logp_pi = sequence_logprob(pi, ids, f)
             s.update(q_check(log_P, logp_q, logp_pi, s["Z_hat"]))
             if Z_round == 0:
                 log(f"step {step}: no sample of q has P(x) > 0 among {K * B}: Ẑ gets a 0")
@@ -940,7 +991,8 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         s["seconds"] = time.time() - t0
         if step % cfg.eval_interval == 0 or step == n_steps:
             texts, m = evaluate(pi, target, cfg.eval_samples, cfg, s["Z_hat"])
-            s["m"] = log_row(cfg, s, m, texts, n_steps, log)
+            if writer:
+                s["m"] = log_row(cfg, s, m, texts, n_steps, log)
             s["q_updated"] = False
         if step % cfg.save_interval == 0 or step == n_steps:
             with torch.no_grad():
@@ -948,9 +1000,11 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             if not torch.isfinite(logp_pi).all():       # an update broke π: no checkpoint holds it
                 raise NotFinite(f"step {step}: π's log-probabilities are not finite after the "
                                 f"update, so it was not saved; lower --lr")
-            checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-            save_checkpoint(checkpoint, models, s, target, os.path.getsize(metrics), cfg)
-    save_policy(pi, tokenizer, cfg)
+            if writer:
+                checkpoint = os.path.join(cfg.out, "checkpoint.pt")
+                save_checkpoint(checkpoint, models, s, target, os.path.getsize(metrics), cfg)
+    if writer:
+        save_policy(pi, tokenizer, cfg)
     log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
     return pi, s["m"]
 
@@ -1018,6 +1072,10 @@ def resumed_checkpoint(cfg, task):
     if size < ckpt["metrics_bytes"]:
         refuse(f"--resume {cfg.out!r}: metrics.jsonl holds {size} bytes, fewer than the "
                f"{ckpt['metrics_bytes']} its checkpoint logged; {again}")
+    done = ckpt["s"]["step"]
+    if done >= n_steps_of(cfg, task.mu_bar) and pi_saved(cfg.out):
+        refuse(f"--resume {cfg.out!r}: the run has finished its {done} steps; give --steps above "
+               f"{done} to train it further")
     return ckpt
 
 def make_parser():
@@ -1115,6 +1173,10 @@ def check_flags(cfg, task):
     """BadInput unless the flags, a resumed run's too, fit each other, the task and this machine."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         refuse(f"--device {cfg.device}: there is no CUDA here; use --device cpu")
+    for name in ("batch_size", "eval_samples", "lambda_samples"):
+        if getattr(cfg, name) % WORLD_SIZE:
+            refuse(f"{flag(name)} {getattr(cfg, name)} is not divisible by the {WORLD_SIZE} "
+                   f"processes: each samples an equal share")
     if cfg.method == "ziegler" and cfg.batch_size % cfg.ppo_minibatch:
         refuse(f"--batch-size {cfg.batch_size} is not divisible by --ppo-minibatch "
                f"{cfg.ppo_minibatch}: PPO whitens advantages per minibatch, all of one size")
@@ -1123,9 +1185,10 @@ def check_flags(cfg, task):
                f"expresses μ̄ = {task.mu_bar} (paper §4); use --method dpg")
 
 def print_line(line):
-    """A line of the run's log, above tqdm's progress bar, flushed at once."""
-    tqdm.write(line)
-    sys.stdout.flush()
+    """A line of the run's log, above tqdm's progress bar, flushed at once; process 0's alone."""
+    if RANK == 0:
+        tqdm.write(line)
+        sys.stdout.flush()
 
 def discard(out, existed):
     """A new run that stops before its first checkpoint leaves no folder behind."""
@@ -1140,20 +1203,46 @@ def resume_hint(out):
     return f". Its last good checkpoint is {checkpoint}: go on with --resume {out}"
 
 def stop(message, status):
-    print(f"dpg_min.py: {message}", file=sys.stderr)
+    if RANK == 0:
+        print(f"dpg_min.py: {message}", file=sys.stderr)
     sys.exit(status)
 
+def start_processes():
+    """Joins the other processes of `torchrun` (which sets RANK), if it started this one, with
+    gloo for CPU tensors and NCCL for GPU ones; "cuda" is then process r's GPU, LOCAL_RANK."""
+    if WORLD_SIZE == 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group()
+    atexit.register(torch.distributed.destroy_process_group)
+
 def main(argv=None):
+    start_processes()
+    writer = RANK == 0
     cfg = None
     lock = None
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        task = load_task(cfg)                                       # read once, here
-        check_flags(cfg, task)
-        existed = os.path.isdir(cfg.out)
-        lock = lock_folder(cfg.out)                                 # held until we exit
-        check_folder(cfg)
-        ckpt = resumed_checkpoint(cfg, task) if cfg.resume else None
+        checked = None
+        if writer:      # process 0 alone checks the input and holds OUT; the others take its word
+            try:
+                cfg = parse_config(sys.argv[1:] if argv is None else argv)
+                task = load_task(cfg)                               # read once, here
+                check_flags(cfg, task)
+                existed = os.path.isdir(cfg.out)
+                lock = lock_folder(cfg.out)                         # held until we exit
+                check_folder(cfg)
+                ckpt = resumed_checkpoint(cfg, task) if cfg.resume else None
+                checked = cfg
+            except BadInput as e:
+                checked = e
+        checked = from_writer(checked)
+        if isinstance(checked, BadInput):
+            raise checked
+        if not writer:
+            cfg = checked
+            task = load_task(cfg)
+            ckpt = resumed_checkpoint(cfg, task) if cfg.resume else None
         a, tokenizer = load_lm(cfg.model, task_words(task))
         positions = getattr(a.config, "max_position_embeddings", math.inf)
         if cfg.seq_len + 1 > positions:
