@@ -68,8 +68,8 @@ class Config:
     seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POSITIVE)
     # optimisation
     batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POSITIVE)
-    forward_batch_size: int = arg(32, "rows a forward pass: sets memory, not results (GDC++)",
-                                  POSITIVE)
+    forward_batch_size: int = arg(32, "rows a forward pass: sets memory; results only by float "
+                                      "rounding (GDC++)", POSITIVE)
     samples: int = arg(None, "training samples (GDC++: 6.4M if pointwise, else 8.4M)", POSITIVE)
     steps: int = arg(None, "gradient steps; overrides --samples", POSITIVE)
     lr: float = arg(1.41e-5, "Adam's learning rate (GDC++)", FINITE)
@@ -281,11 +281,10 @@ def sample(model, n, T, bos_id, chunk=256):
     device = next(model.parameters()).device
     U = torch.rand(n, T, dtype=torch.float64, device=device)    # drawn first: chunks don't change x
     U = U[own_rows(n)]                                          # nor the number of processes
-    n = len(U)
     all_ids = []
     all_logp = []
-    for start in range(0, n, chunk):
-        ids = torch.full((min(chunk, n - start), 1), bos_id, dtype=torch.long, device=device)
+    for start in range(0, len(U), chunk):
+        ids = torch.full((min(chunk, len(U) - start), 1), bos_id, dtype=torch.long, device=device)
         logp = torch.zeros(len(ids), dtype=torch.float64, device=device)
         past = None
         for t in range(T):
@@ -341,11 +340,14 @@ def sum_grads(opt):
     """Sums the processes' gradients: each one's loss is its rows' share of the batch mean."""
     if WORLD_SIZE == 1:
         return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:                      # no rows of this PPO minibatch here
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        if p.grad is None:                          # no rows of this PPO minibatch here
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])    # one message, not one per tensor
+    torch.distributed.all_reduce(flat)
+    for p, summed in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(summed.view_as(p))
 
 def from_writer(x):
     """Process 0's x, on every process: it alone writes, so its checks and names rule."""
@@ -600,9 +602,9 @@ Target = namedtuple("Target", "a tokenizer task classify lam")
 def score(target, ids, chunk):
     """log a(x), φ(x) and log P(x) of samples ids (N, T + 1), `chunk` rows per forward pass; each
     process scores its own rows, and every process gets all N."""
-    ids = ids[own_rows(len(ids))]
-    logp_a = sequence_logprob(target.a, ids, chunk)     # a is frozen: no graph is built
-    texts = target.tokenizer.batch_decode(ids[:, 1:].tolist())
+    mine = ids[own_rows(len(ids))]
+    logp_a = sequence_logprob(target.a, mine, chunk)    # a is frozen: no graph is built
+    texts = target.tokenizer.batch_decode(mine[:, 1:].tolist())
     phi = phi_matrix(target.task.features, texts, target.task.wordlists, target.classify)
     phi = phi.to(logp_a.device)
     return gather(logp_a, phi, log_P_of(logp_a, phi, target.task.mu_bar, target.lam))
@@ -677,7 +679,8 @@ def method_loss(cfg, logp_pi, logp_q, log_P, Z_hat, j):
     return dpg_loss(logp_pi, logp_q[j], log_P[j], Z_hat, cfg.baseline)
 
 def sample_losses(cfg, pi, ids, logp_q, log_P, Z_hat):
-    """The loss of each of the first --grad-var-samples samples alone, for Var(G) (§4.5)."""
+    """The loss of each of the first --grad-var-samples samples alone, for Var(G) (§4.5); every
+    process takes the same samples, of the whole batch."""
     for j in range(min(len(ids), cfg.grad_var_samples)):
         logp_pi = sequence_logprob(pi, ids[j:j + 1])
         yield method_loss(cfg, logp_pi, logp_q, log_P, Z_hat, slice(j, j + 1))[0]
@@ -947,9 +950,9 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 if cfg.grad_var_interval and step % cfg.grad_var_interval == 0:    # §4.5
                     losses = sample_losses(cfg, pi, ids, logp_q, log_P, s["Z_hat"])
                     var_G = grad_variance(pi.parameters(), losses)      # before the update
-                # line 5: the batch-mean gradient, accumulated over chunks of f samples, each
-                # weighted by its share of B, so that any f gives the same step (GDC summed the
-                # chunks' means)
+                # line 5: the batch-mean gradient, accumulated over this process's chunks of f
+                # samples, each weighted by its share of B, so that any f and any number of
+                # processes give the same step (GDC summed the chunks' means)
                 opt.zero_grad()
                 A_mine = []                                 # of this process's rows of the batch
                 logp_mine = []
@@ -1080,7 +1083,8 @@ def resumed_checkpoint(cfg, task):
 
 def make_parser():
     """One flag per Config field; its help ends with the default and the tiny preset's value."""
-    epilog = f"GDC++: the default is that of {GDC}configs/gdc++/*.json (the paper's own runs)"
+    epilog = (f"GDC++: the default is that of {GDC}configs/gdc++/*.json (the paper's own runs). "
+              f"On N processes: torchrun --standalone --nproc_per_node N dpg_min.py [flags]")
     parser = argparse.ArgumentParser("dpg_min.py", description=__doc__.partition("\n")[0],
                                      epilog=epilog)
     parser.error = refuse                                   # one line, not the usage text

@@ -56,6 +56,9 @@ RUN = ["--model", "tiny", "--task", "politics", "--steps", "4", "--eval-interval
        "--diversity-samples", "16", "--grad-var-interval", "2", "--grad-var-samples", "4"]
 METHODS = dict(gdcpp=["--baseline"], gdc=[], reinforce=["--method", "reinforce", "--baseline"],
                ziegler=["--method", "ziegler", "--ppo-minibatch", "8"])
+# With forward chunks of B/N rows, each process's gradient is one chunk's, and 2 processes sum the
+# two chunks as one process does: the same floats.
+EXACT = ["--baseline", "--forward-batch-size", "16"]
 TOLERANCE = 1e-4    # relative (absolute 1e-5), on every number of metrics.jsonl: float sums in
                     # another order
 
@@ -87,8 +90,9 @@ def assert_close(rows, expected):
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One torchrun of 2 processes for the module: two bad inputs, the four methods, a new run of 2
-    steps and the resume to 4 of a one-process run; and their one-process counterparts."""
+    """One torchrun of 2 processes for the module: two bad inputs, the four methods, GDC++ with
+    chunks of B/2, a new run of 2 steps and the resume to 4 of a one-process run; and their
+    one-process counterparts."""
     root = tmp_path_factory.mktemp("distributed")
     (root / "taken").mkdir()
     (root / "taken" / "notes.txt").write_text("mine")
@@ -97,10 +101,12 @@ def launched(tmp_path_factory):
         for name, extra in METHODS.items():
             dm.main(RUN + extra + ["--out", str(root / f"one-{name}")])
         dm.main(RUN + ["--steps", "2", "--out", str(root / "one-then-two")])
+        dm.main(RUN + EXACT + ["--out", str(root / "one-exact")])
     runs = [RUN + ["--batch-size", "33", "--out", str(root / "odd")],  # every process sees it
             RUN + ["--out", str(root / "taken")]]                   # process 0 alone checks OUT
     runs += [RUN + extra + ["--out", str(root / f"two-{name}")] for name, extra in METHODS.items()]
-    runs += [RUN + ["--steps", "2", "--out", str(root / "two-then-one")],
+    runs += [RUN + EXACT + ["--out", str(root / "two-exact")],
+             RUN + ["--steps", "2", "--out", str(root / "two-then-one")],
              ["--resume", str(root / "one-then-two"), "--steps", "4"]]
     code, stdout, stderr = torchrun(root, runs)
     return dict(root=root, code=code, stdout=stdout, stderr=stderr, printed=printed.getvalue())
@@ -117,7 +123,14 @@ def test_two_processes_give_the_one_process_run_for_every_method(launched, read_
     texts = [line for line in launched["stdout"].splitlines() if line.startswith("    ")]
     one = [line for line in launched["printed"].splitlines() if line.startswith("    ")]
     assert len(texts[:4 * 5 * 3]) == 4 * 5 * 3 and texts[:4 * 5 * 3] == one[:4 * 5 * 3]
-    assert launched["stdout"].count("saved π") == 6
+    assert launched["stdout"].count("saved π") == 7
+
+
+def test_with_forward_chunks_of_b_over_n_two_processes_write_the_same_log_bit_for_bit(
+        launched, read_metrics, without_seconds):
+    root = launched["root"]
+    assert without_seconds(read_metrics(root / "two-exact")) == without_seconds(
+        read_metrics(root / "one-exact"))
 
 
 def test_bad_input_stops_every_process_with_one_line(launched):
