@@ -13,7 +13,7 @@ plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command lin
 """
 import argparse, atexit, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os
 import random, re, shutil, socket, sys, time
-from collections import namedtuple
+from collections import Counter, namedtuple
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -622,19 +622,40 @@ def distinct_n(texts, n):
     return len(set(grams)) / len(grams) if grams else math.nan
 
 def self_bleu(texts, ns=(3, 4, 5)):
-    """Self-BLEU-n (Zhu et al. 2018), one per n: each text's BLEU-n against all the others (word
-    tokens, smoothed), averaged."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    """Self-BLEU-n (Zhu et al. 2018), one per n: each text's BLEU-n against all the others,
+    averaged; nltk's sentence_bleu (word tokens, SmoothingFunction().method1), float for float, in
+    linear time. Against "all the others", an n-gram's count is clipped by its largest count in
+    any text or, in a text that holds that count, by the largest count in any other."""
     if len(texts) < 2:
         return [math.nan] * len(ns)                     # one text has no others
     tokens = [tokens_of(t) for t in texts]
-    weights = [(1 / n,) * n for n in ns]
-    smoothing = SmoothingFunction().method1
+    orders = range(1, max(ns) + 1)
+    grams = [[Counter(zip(*(x[k:] for k in range(n)))) for n in orders] for x in tokens]
+    top = [{} for _ in orders]                  # n-gram → its two largest counts, in two texts
+    for counts_of in grams:
+        for counts, best in zip(counts_of, top):
+            for g, c in counts.items():
+                best[g] = sorted([*best.get(g, []), c], reverse=True)[:2]
+    lengths = Counter(len(x) for x in tokens)
     scores = []
-    for i, hypothesis in enumerate(tokens):
-        others = tokens[:i] + tokens[i + 1:]
-        bleu = sentence_bleu(others, hypothesis, weights, smoothing_function=smoothing)
-        scores.append(bleu if isinstance(bleu, list) else [bleu] * len(ns))   # nltk: a bare 0
+    for x, counts_of in zip(tokens, grams):
+        hits = []
+        for counts, best in zip(counts_of, top):
+            clipped = 0
+            for g, c in counts.items():
+                first, second = (best[g] + [0])[:2]
+                clipped += min(c, second if c == first else first)
+            hits.append(clipped)
+        if hits[0] == 0:                                # nltk: 0 when no word is shared
+            scores.append([0.0] * len(ns))
+            continue
+        # the brevity penalty, against the closest length of another text (the shorter on a tie)
+        others = [size for size, k in lengths.items() if size != len(x) or k > 1]
+        ref = min((abs(size - len(x)), size) for size in others)[1]
+        bp = 1.0 if len(x) > ref else math.exp(1 - ref / len(x))
+        totals = [max(1, sum(counts.values())) for counts in counts_of]
+        log_p = [math.log(h / t if h else 0.1 / t) for h, t in zip(hits, totals)]  # method1
+        scores.append([bp * math.exp(math.fsum(1 / n * lp for lp in log_p[:n])) for n in ns])
     return [sum(column) / len(scores) for column in zip(*scores)]
 
 @torch.no_grad()
@@ -881,6 +902,36 @@ SHOWN = ["E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_
          "mean_abs_A", "var_A"]
 SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
 
+# Where a run's time goes: each row of metrics.jsonl has the seconds of each phase since the last
+# row (seconds_sampling: the training batch; seconds_scoring: log a, φ, log P of it; seconds_update:
+# π's forward and backward, Adam; seconds_q_check; seconds_evaluation), the rest (checkpoints, the
+# log) in `seconds` alone
+PHASES = ("sampling", "scoring", "update", "q_check", "evaluation")
+TIMES = ("seconds", *[f"seconds_{name}" for name in PHASES], "samples_per_second")   # wall clock
+
+def clock():
+    """Seconds on a monotonic clock, once the GPU has run what it was given (it runs async)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+def add_phases(spent, ends):
+    """spent plus each phase's seconds, from ends = {"start": t, phase: when it ended, ...}."""
+    names = list(ends)
+    total = dict(spent)
+    for before, name in zip(names, names[1:]):
+        total[name] += ends[name] - ends[before]
+    return total
+
+def time_split(metrics):
+    """Where the run's time went, from its rows in metrics.jsonl: each phase's share, samples/s."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    total = max(rows[-1]["seconds"], 0.1)
+    spent = {name: sum(row[f"seconds_{name}"] for row in rows) for name in PHASES}
+    shares = [f"{name} {seconds / total:.0%}" for name, seconds in spent.items()]
+    return (f"time: {', '.join(shares)} of {total:.1f} s; {rows[-1]['samples'] / total:.0f} "
+            f"training samples/s")
+
 def log_row(cfg, s, m, texts, n_steps, log):
     """A row of the evaluation's metrics m, the q-check's and the batch's: printed as a step's line
     with three samples of π, appended to metrics.jsonl (NaN, ±inf as null) and returned."""
@@ -888,6 +939,10 @@ def log_row(cfg, s, m, texts, n_steps, log):
     rest = {k: s[k] for k in ("var_G", "ess_P_q", "q_updated", "q_updates", "beta")}
     row = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **of_q, **s["batch"],
                **rest, seconds=round(s["seconds"], 1))
+    row.update({f"seconds_{name}": round(s["spent"][name], 2) for name in PHASES})
+    last = s["m"] or dict(samples=0, seconds=0.0)                   # the previous row
+    trained = row["samples"] - last["samples"]
+    row["samples_per_second"] = round(trained / max(row["seconds"] - last["seconds"], 0.1), 1)
     measured = ["var_G"] if cfg.grad_var_interval else []
     shown = SHOWN + measured + SHOWN_BY_METHOD[cfg.method]
     line = f"step {row['step']:>{len(str(n_steps))}}/{n_steps}  "
@@ -928,7 +983,8 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     s = dict(step=-1, seconds=0.0, Z_hat=0.0, rounds=0, q_updates=0, q_updated=False,
              beta=cfg.kl_beta if v_head else None, m=None, var_G=nan, kl_p_pi=nan,
              kl_p_q=nan, tvd_p_pi=nan, ess_P_q=nan,
-             batch=dict(mean_A=nan, mean_abs_A=nan, var_A=nan, mean_P_q=None, mean_Zpi_q=None))
+             batch=dict(mean_A=nan, mean_abs_A=nan, var_A=nan, mean_P_q=None, mean_Zpi_q=None),
+             spent=dict.fromkeys(PHASES, 0.0))
     if ckpt is not None:
         s = restore_checkpoint(ckpt, models, cfg)
         log(f"resumed from {cfg.out}/checkpoint.pt at step {s['step']}")
@@ -938,9 +994,12 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     first = s["step"] + 1
     for step in tqdm(range(first, n_steps + 1), initial=first, total=n_steps + 1,
                      disable=None if writer else True):                 # bar: process 0's alone
+        ends = dict(start=clock())                                      # phase → when it ended
         if step > 0:
             ids, logp_q = sample(proposal, B, T, bos, f)                # Algorithm 1 line 3: x ~ q
+            ends["sampling"] = clock()
             logp_a, phi, log_P = score(target, ids, f)                  # line 4: log a, φ, log P
+            ends["scoring"] = clock()
             if cfg.method == "ziegler":                                 # PPO: its own minibatches
                 A, beta, var_G = ppo_update(models, ids, log_P, s["beta"], cfg, step)
                 s["beta"] = beta
@@ -971,6 +1030,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             if var_G is not None:
                 s["var_G"] = var_G
             s["batch"] = batch_stats(A, log_P, logp_q, logp_pi, s["Z_hat"], proposal is q)
+            ends["update"] = clock()
         if step % K == 0 or step == n_steps:
             # lines 7-10, on K·B fresh samples of q (the batch would judge π on what it was just
             # fitted to). Ẑ is the equal-weight mean of every round's estimate, each unbiased
@@ -990,13 +1050,19 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 q.load_state_dict(pi.state_dict())                      # q ← π
                 s["q_updates"] += 1
                 s["q_updated"] = True
+            ends["q_check"] = clock()
+        evaluating = step % cfg.eval_interval == 0 or step == n_steps
+        if evaluating:
+            texts, m = evaluate(pi, target, cfg.eval_samples, cfg, s["Z_hat"])
+            ends["evaluation"] = clock()
         s["step"] = step
         s["seconds"] = time.time() - t0
-        if step % cfg.eval_interval == 0 or step == n_steps:
-            texts, m = evaluate(pi, target, cfg.eval_samples, cfg, s["Z_hat"])
+        s["spent"] = add_phases(s["spent"], ends)
+        if evaluating:
             if writer:
                 s["m"] = log_row(cfg, s, m, texts, n_steps, log)
             s["q_updated"] = False
+            s["spent"] = dict.fromkeys(PHASES, 0.0)                     # each row: since the last
         if step % cfg.save_interval == 0 or step == n_steps:
             with torch.no_grad():
                 logp_pi = sequence_logprob(pi, ids[:f])
@@ -1008,6 +1074,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 save_checkpoint(checkpoint, models, s, target, os.path.getsize(metrics), cfg)
     if writer:
         save_policy(pi, tokenizer, cfg)
+        log(time_split(metrics))
     log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
     return pi, s["m"]
 

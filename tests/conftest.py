@@ -74,10 +74,10 @@ def files_of():
 
 @pytest.fixture(scope="session")
 def without_seconds():
-    """without_seconds(rows): metrics rows minus wall-clock time, the one field that may differ
-    between equal runs."""
+    """without_seconds(rows): metrics rows minus wall-clock times (`seconds`, `seconds_*`,
+    `samples_per_second`), the fields that may differ between equal runs."""
     def without_seconds(rows):
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+        return [{k: v for k, v in row.items() if k not in dm.TIMES} for row in rows]
     return without_seconds
 
 

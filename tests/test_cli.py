@@ -278,7 +278,7 @@ def test_the_command_line_runs_end_to_end(tmp_path, read_metrics):
     assert (out / "model.safetensors").exists() and (out / "checkpoint.pt").exists()
     assert "step 2/2" in result.stdout and f"saved π to {out}" in result.stdout
     assert result.stderr == ""
-    starts = ("GDC++ on", "step ", "    ", "saved π to")
+    starts = ("GDC++ on", "step ", "    ", "time: ", "saved π to")
     assert all(line.startswith(starts) for line in result.stdout.splitlines()), result.stdout
 
 

@@ -81,8 +81,8 @@ def assert_close(rows, expected):
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
     for row, other in zip(rows, expected):
         for key, value in row.items():
-            if key == "seconds" or other[key] is None or isinstance(other[key], bool):
-                assert value == other[key] or key == "seconds", (row["step"], key)
+            if key in dm.TIMES or other[key] is None or isinstance(other[key], bool):
+                assert value == other[key] or key in dm.TIMES, (row["step"], key)
             else:
                 expected_value = pytest.approx(other[key], rel=TOLERANCE, abs=1e-5)
                 assert value == expected_value, (row["step"], key)

@@ -605,3 +605,32 @@ def test_self_bleu_of_disjoint_samples_is_zero():
 
 def test_self_bleu_of_a_single_sample_is_nan():
     assert all(math.isnan(x) for x in dm.self_bleu(["alone"], (3,)))
+
+
+def nltk_self_bleu(texts, ns):
+    """The oracle: nltk's own sentence_bleu of each text against all the others, averaged."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    tokens = [dm.tokens_of(t) for t in texts]
+    scores = []
+    for i, hypothesis in enumerate(tokens):
+        others = tokens[:i] + tokens[i + 1:]
+        bleu = sentence_bleu(others, hypothesis, [(1 / n,) * n for n in ns],
+                             smoothing_function=SmoothingFunction().method1)
+        scores.append(bleu if isinstance(bleu, list) else [bleu] * len(ns))    # nltk: a bare 0
+    return [sum(column) / len(scores) for column in zip(*scores)]
+
+
+# Texts of few, short words, so that n-grams, whole texts and lengths repeat; "" and one word too
+WORDS = st.sampled_from(["a", "b", "c", "the", ",", "."])
+TEXTS = st.lists(st.lists(WORDS, max_size=9).map(" ".join), min_size=2, max_size=12)
+
+
+@given(TEXTS, st.sampled_from([(3, 4, 5), (1, 2), (4,)]))
+def test_self_bleu_equals_nltks_sentence_bleu_against_all_other_texts(texts, ns):
+    assert dm.self_bleu(texts, ns) == pytest.approx(nltk_self_bleu(texts, ns), rel=1e-12,
+                                                    abs=1e-12)
+
+
+def test_self_bleu_equals_nltk_on_identical_texts_and_on_texts_alone_in_their_words():
+    for texts in (["a b a b"] * 3, ["a b", "a b", "c"], ["", "", "a"], ["a", "b"], ["", "a b c"]):
+        assert dm.self_bleu(texts) == pytest.approx(nltk_self_bleu(texts, (3, 4, 5)), abs=1e-12)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import dpg_min as dm
 import toy_exact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,3 +274,23 @@ def test_cost_times_a_step_a_q_check_and_an_evaluation(capsys):
     assert "B = 4, T = 4, K = 2" in printed and "a q-check of 8 samples" in printed
     assert "peak RSS" in printed
     assert len(re.findall(r"per \w[\w -]* sample \d+\.\d{3} s", printed)) == 3
+
+
+def test_self_bleu_bench_times_both_ways_and_finds_them_equal(capsys):
+    load_script("self_bleu_bench").main(["--texts", "20", "40", "--old-up-to", "20",
+                                         "--seq-len", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[0] == "20" and lines[1].endswith("0.0e+00")     # nltk's floats exactly
+    assert lines[2].split()[:2] == ["40", "-"]                               # nltk's way skipped
+
+
+def test_gpu_check_is_bash_whose_runs_are_dpg_min_flags():
+    """No GPU here: the script's syntax, and each run's flags as dpg_min.py parses them."""
+    path = os.path.join(ROOT, "figures", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read().replace("\\\n", " ")
+    runs = [line.split()[2:] for line in text.splitlines() if line.startswith("run ")]
+    assert [flags[1] for flags in runs] == ["tiny", "smollm2"]
+    for flags in runs:
+        cfg = dm.parse_config(flags + ["--device", "cuda", "--out", "unused"])
+        assert cfg.device == "cuda" and cfg.baseline

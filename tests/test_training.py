@@ -96,7 +96,24 @@ def test_every_method_logs_the_same_metric_keys_with_var_G_on_request(method_run
         assert (final["beta"] is None) == (name != "ziegler"), name
     assert {"E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "kl_p_q", "kl_p_pi_on_pi",
             "tvd_p_pi_on_pi", "Z_hat", "mean_A", "var_G", "self_bleu_5", "distinct_1", "q_updates",
-            "beta", "mean_P_q", "mean_Zpi_q", "seconds"} <= keys
+            "beta", "mean_P_q", "mean_Zpi_q", *dm.TIMES} <= keys
+
+
+def test_every_row_says_where_the_time_went_and_the_run_ends_with_the_split(method_runs,
+                                                                           read_metrics):
+    for name, run in method_runs.items():
+        rows = read_metrics(run["out"])
+        for before, row in zip([dict(samples=0, seconds=0.0)] + rows, rows):
+            phases = [row[f"seconds_{phase}"] for phase in dm.PHASES]
+            assert min(phases) >= 0 and sum(phases) <= row["seconds"] - before["seconds"] + 0.1
+            wall = max(row["seconds"] - before["seconds"], 0.1)
+            trained = row["samples"] - before["samples"]
+            assert row["samples_per_second"] == round(trained / wall, 1)
+        assert rows[-1]["seconds_update"] > 0 and rows[-1]["seconds_q_check"] > 0, name
+        # the last row's phases cover most of the time since the previous row
+        assert sum(rows[-1][f"seconds_{p}"] for p in dm.PHASES) > 0.5 * (rows[-1]["seconds"] -
+                                                                         rows[-2]["seconds"])
+        assert run["lines"][-2].startswith("time: sampling "), run["lines"][-2]
 
 
 def test_saved_policy_reloads_with_from_pretrained(method_runs, lm):
@@ -179,9 +196,9 @@ def assert_same_metrics(rows, others):
     for row, other in zip(rows, others):
         assert row.keys() == other.keys()
         for k, v in row.items():
-            if isinstance(v, float) and k != "seconds":
+            if isinstance(v, float) and k not in dm.TIMES:
                 assert other[k] == pytest.approx(v, rel=1e-4, abs=1e-7), (row["step"], k)
-            elif k != "seconds":
+            elif k not in dm.TIMES:
                 assert other[k] == v, (row["step"], k)
 
 
