@@ -635,7 +635,8 @@ def self_bleu(texts, ns=(3, 4, 5)):
     for counts_of in grams:
         for counts, best in zip(counts_of, top):
             for g, c in counts.items():
-                best[g] = sorted([*best.get(g, []), c], reverse=True)[:2]
+                first, second = best.get(g, (0, 0))
+                best[g] = (c, first) if c > first else (first, max(second, c))
     lengths = Counter(len(x) for x in tokens)
     scores = []
     for x, counts_of in zip(tokens, grams):
@@ -643,7 +644,7 @@ def self_bleu(texts, ns=(3, 4, 5)):
         for counts, best in zip(counts_of, top):
             clipped = 0
             for g, c in counts.items():
-                first, second = (best[g] + [0])[:2]
+                first, second = best[g]
                 clipped += min(c, second if c == first else first)
             hits.append(clipped)
         if hits[0] == 0:                                # nltk: 0 when no word is shared
