@@ -907,6 +907,7 @@ SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
 # row (seconds_sampling: the training batch; seconds_scoring: log a, φ, log P of it; seconds_update:
 # π's forward and backward, Adam; seconds_q_check; seconds_evaluation), the rest (checkpoints, the
 # log) in `seconds` alone
+FEW_EFFECTIVE = 30  # a q-check's estimates are flagged below this effective sample size of P/q
 PHASES = ("sampling", "scoring", "update", "q_check", "evaluation")
 TIMES = ("seconds", *[f"seconds_{name}" for name in PHASES], "samples_per_second")   # wall clock
 
@@ -949,6 +950,9 @@ def log_row(cfg, s, m, texts, n_steps, log):
     line = f"step {row['step']:>{len(str(n_steps))}}/{n_steps}  "
     line += "  ".join(f"{LABELS[k]} {fmt(row[k])}" for k in shown)
     line += f"  {row['seconds']:.0f}s"
+    effective = row["ess_P_q"] * cfg.q_update_interval * cfg.batch_size     # ESS of P/q, samples
+    if effective < FEW_EFFECTIVE:
+        line += f"  (KL(p‖π), TVD(p,π) from {effective:.0f} effective samples of q)"
     log(line + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
     with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:

@@ -371,3 +371,16 @@ def test_generate_on_the_saved_policy_samples_as_training_did(method_runs, monke
     assert (out.sequences[:, 1] == 0).all() and (out.sequences[:, 2:] != 0).any()   # went on
     assert len(out.scores) == T == len(calls)
     assert all(torch.equal(s, logits) for s, logits in zip(out.scores, out.logits))
+
+
+def test_a_q_check_with_few_effective_samples_is_flagged_in_the_step_line(small_config, run_tiny,
+                                                                          method_runs,
+                                                                          read_metrics):
+    """amazing at B = 16, K = 1: the round's 16 samples hold few with P > 0, and the step line
+    says so; politics at K·B = 320 (base rate ~18%) has enough, and says nothing."""
+    _, _, lines = run_tiny(small_config(task="amazing", steps=1))
+    step_lines = [line for line in lines if "E_π φ" in line]
+    assert all(line.split("\n")[0].endswith("effective samples of q)") for line in step_lines)
+    run = method_runs["gdcpp"]
+    assert read_metrics(run["out"])[0]["ess_P_q"] * 320 > dm.FEW_EFFECTIVE
+    assert not any("effective samples" in line for line in run["lines"])
