@@ -6,7 +6,9 @@ is a normal input and never gives NaN; Z = 0; Z as a float or a tensor; float64 
 and weights past e^709 stay finite where the result is; the input dtype is kept; gradients flow
 only where they should.
 """
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -607,17 +609,18 @@ def test_self_bleu_of_a_single_sample_is_nan():
     assert all(math.isnan(x) for x in dm.self_bleu(["alone"], (3,)))
 
 
-def nltk_self_bleu(texts, ns):
-    """The oracle: nltk's own sentence_bleu of each text against all the others, averaged."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-    tokens = [dm.tokens_of(t) for t in texts]
-    scores = []
-    for i, hypothesis in enumerate(tokens):
-        others = tokens[:i] + tokens[i + 1:]
-        bleu = sentence_bleu(others, hypothesis, [(1 / n,) * n for n in ns],
-                             smoothing_function=SmoothingFunction().method1)
-        scores.append(bleu if isinstance(bleu, list) else [bleu] * len(ns))    # nltk: a bare 0
-    return [sum(column) / len(scores) for column in zip(*scores)]
+def load_bench():
+    """figures/self_bleu_bench.py, whose nltk_self_bleu is the oracle: nltk's own sentence_bleu of
+    each text against all the others, averaged."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures",
+                        "self_bleu_bench.py")
+    spec = importlib.util.spec_from_file_location("self_bleu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+nltk_self_bleu = load_bench().nltk_self_bleu
 
 
 # Texts of few, short words, so that n-grams, whole texts and lengths repeat; "" and one word too
