@@ -902,12 +902,12 @@ LABELS = dict(E_pi_phi="E_π φ", kl_p_pi="KL(p‖π)", kl_pi_a="KL(π‖a)", tv
 SHOWN = ["E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_1", "Z_hat",
          "mean_abs_A", "var_A"]
 SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
+FEW_EFFECTIVE = 30      # under this ESS of P/q, a line says its KL(p‖π), TVD(p,π) rest on few
 
 # Where a run's time goes: each row of metrics.jsonl has the seconds of each phase since the last
 # row (seconds_sampling: the training batch; seconds_scoring: log a, φ, log P of it; seconds_update:
 # π's forward and backward, Adam; seconds_q_check; seconds_evaluation), the rest (checkpoints, the
 # log) in `seconds` alone
-FEW_EFFECTIVE = 30  # a q-check's estimates are flagged below this effective sample size of P/q
 PHASES = ("sampling", "scoring", "update", "q_check", "evaluation")
 TIMES = ("seconds", *[f"seconds_{name}" for name in PHASES], "samples_per_second")   # wall clock
 
