@@ -193,8 +193,9 @@ def estimate_Z(log_P, logp_q):
     return torch.exp(torch.logsumexp(log_P - logp_q, dim=0) - math.log(len(log_P)))
 
 def kl_p_m(log_P, logp_q, logp_m, Z):
-    """D_KL(p‖m) ≈ −log Ẑ + (1/N) Σ_i (P(x_i)/(Ẑ·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q (§4.2,
-    metric 2; GDC gdc/base_trainer.py L84-242's form: README, "Deviations"). Z = 0 gives +inf."""
+    """D_KL(p‖m) ≈ −log Z + (1/N) Σ_i (P(x_i)/(Z·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q (§4.2,
+    metric 2). GDC passes the running Ẑ (gdc/base_trainer.py L84-242); q_check, the round's own mean
+    of P/q, which makes it self-normalised (README, "Which estimate"). Z = 0 gives +inf."""
     log_Z = log_P.new_tensor(float(Z)).log()                        # −inf when Z = 0
     log_p = torch.where(log_P > -math.inf, log_P - log_Z, log_P)
     weight = torch.exp(log_p - logp_q - math.log(len(log_P)))     # p/(N·q)
@@ -371,7 +372,8 @@ def build_tiny(words, seed=0, labels=None, **sizes):
         tokenizer_object=core, bos_token="<|endoftext|>", unk_token="<unk>",
         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     config = GPT2Config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                        id2label=dict(enumerate(labels or [0, 1])), **{**TINY_SIZES, **sizes})
+                        id2label=dict(enumerate(labels or ["LABEL_0", "LABEL_1"])),  # str: v5.17+
+                        **{**TINY_SIZES, **sizes})
     model_class = GPT2ForSequenceClassification if labels else GPT2LMHeadModel
     with torch.random.fork_rng(devices=[]):         # seed the construction, not the caller's RNG
         torch.manual_seed(seed)
@@ -659,27 +661,31 @@ def self_bleu(texts, ns=(3, 4, 5)):
         scores.append([bp * math.exp(math.fsum(1 / n * lp for lp in log_p[:n])) for n in ns])
     return [sum(column) / len(scores) for column in zip(*scores)]
 
+def q_check(log_P, logp_q, logp_pi):
+    """Alg. 1 lines 7-10 on samples of q: KL̂(p‖π), KL̂(p‖q), TVD̂(p, π), and ESS/N of P/q. P/q and
+    π/q are divided by their own means on the sample, so that each sums to 1: toy_exact.py's
+    comparison of the forms chose it, and TVD̂ cannot exceed 1 (README, "Which estimate")."""
+    Z_N = estimate_Z(log_P, logp_q)
+    logp_pi_N = logp_pi - estimate_Z(logp_pi, logp_q).log()        # mean π/q: 1 on the sample
+    return dict(kl_p_pi=kl_p_m(log_P, logp_q, logp_pi, Z_N).item(),
+                kl_p_q=kl_p_m(log_P, logp_q, logp_q, Z_N).item(),
+                tvd_p_pi=tvd_p_m(log_P, logp_q, logp_pi_N, Z_N).item(),
+                ess_P_q=ess(log_P - logp_q) / len(log_P))
+
 @torch.no_grad()
-def evaluate(pi, target, n, cfg, Z):
+def evaluate(pi, target, n, cfg):
     """(texts, metrics) on n fresh samples of π; their D_KL(p‖π) is blind to what π lost."""
     f = cfg.forward_batch_size
     ids, logp_pi = sample(pi, n, cfg.seq_len, bos_of(target.tokenizer), f)
     logp_a, phi, log_P = score(target, ids, f)
     texts = target.tokenizer.batch_decode(ids[:, 1:].tolist())
     diverse = texts[:cfg.diversity_samples]
+    on_pi = q_check(log_P, logp_pi, logp_pi)                       # π's samples in q's place
     m = dict(E_pi_phi=phi.mean(0).tolist(), kl_pi_a=kl_reverse(logp_pi, logp_a).item(),
-             kl_p_pi_on_pi=kl_p_m(log_P, logp_pi, logp_pi, Z).item(),
-             tvd_p_pi_on_pi=tvd_p_m(log_P, logp_pi, logp_pi, Z).item())
+             kl_p_pi_on_pi=on_pi["kl_p_pi"], tvd_p_pi_on_pi=on_pi["tvd_p_pi"])
     m.update({f"distinct_{n}": distinct_n(diverse, n) for n in (1, 2, 3)})
     m.update(zip(("self_bleu_3", "self_bleu_4", "self_bleu_5"), self_bleu(diverse, (3, 4, 5))))
     return texts, m
-
-def q_check(log_P, logp_q, logp_pi, Z):
-    """Alg. 1 lines 7-10 on samples of q: KL̂(p‖π), KL̂(p‖q), TVD̂(p, π), and ESS/N of P/q."""
-    return dict(kl_p_pi=kl_p_m(log_P, logp_q, logp_pi, Z).item(),
-                kl_p_q=kl_p_m(log_P, logp_q, logp_q, Z).item(),
-                tvd_p_pi=tvd_p_m(log_P, logp_q, logp_pi, Z).item(),
-                ess_P_q=ess(log_P - logp_q) / len(log_P))
 
 # --- Training: Algorithm 1, and in the same loop the comparison methods of §4.3, which sample π
 # instead of q and differ from DPG in their update alone
@@ -1048,7 +1054,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             check_finite(step, {"Ẑ of this round": Z_round})
             s["Z_hat"] = (Z_round + s["rounds"] * s["Z_hat"]) / (s["rounds"] + 1)
             s["rounds"] += 1
-            s.update(q_check(log_P, logp_q, logp_pi, s["Z_hat"]))
+            s.update(q_check(log_P, logp_q, logp_pi))
             if Z_round == 0:
                 log(f"step {step}: no sample of q has P(x) > 0 among {K * B}: Ẑ gets a 0")
             if proposal is q and step > 0 and s["kl_p_pi"] < s["kl_p_q"]:  # never while Ẑ = 0
@@ -1058,7 +1064,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             ends["q_check"] = clock()
         evaluating = step % cfg.eval_interval == 0 or step == n_steps
         if evaluating:
-            texts, m = evaluate(pi, target, cfg.eval_samples, cfg, s["Z_hat"])
+            texts, m = evaluate(pi, target, cfg.eval_samples, cfg)
             ends["evaluation"] = clock()
         s["step"] = step
         s["seconds"] = time.time() - t0

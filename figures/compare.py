@@ -62,7 +62,7 @@ def compare(argv):
         torch.manual_seed(args.seed)
         # λ of the soft features (none on a pointwise task): p is the run's own
         target = Target(a, tokenizer, task, classify, ckpt["lam"].cpu())
-        texts, m = evaluate(model, target, args.samples, cfg, ckpt["s"]["Z_hat"])
+        texts, m = evaluate(model, target, args.samples, cfg)
         cells = [name, path or os.path.basename(cfg.model)] + [fmt(m[k]) for k in KEYS]
         rows.append("| " + " | ".join(cells) + " |")
         shown.append(f"\n{name}:" + "".join(f"\n    {t!r}" for t in texts[:args.show]))
