@@ -21,7 +21,7 @@ import torch
 from torch.func import grad, jacrev, vmap
 
 from dpg_min import (dpg_advantage, dpg_loss, estimate_Z, fit_lambdas, kl_control_reward, kl_p_m,
-                     kl_reverse, log_P_of, tvd_p_m)
+                     kl_reverse, log_P_of, q_check, tvd_p_m)
 
 DT = torch.float64      # exact checks need float64: float32 rounding alone is ~1e-7
 TOL = 1e-10             # every identity must hold to this error (see max_err)
@@ -185,7 +185,7 @@ def max_err(*pairs):
 def kl_p_m_pin(log_P, logp_q, logp_m, Z):
     """The other D_KL(p‖m) estimate on x_i ~ q, with p = P/Ẑ inside the log too:
     (1/N) Σ_i (p/q)(log p − log m). dpg_min's kl_p_m is naver/gdc's form,
-    −log Ẑ + (1/Ẑ)·mean_i[w_i·(log P_i − log m_i)], w = P/q."""
+    −log Ẑ + (1/Ẑ)·mean_i[w_i·(log P_i − log m_i)], w = P/q (q_check: Ẑ = mean w)."""
     log_Z = torch.log(torch.as_tensor(Z, dtype=DT))
     log_p = torch.where(log_P == -math.inf, log_P, log_P - log_Z)
     summand = torch.where(log_p > -math.inf, torch.exp(log_p - logp_q) * (log_p - logp_m), 0.0)
@@ -584,45 +584,55 @@ def plot_trajectory(rows, path):
     fig.savefig(path, dpi=80)
 
 # %% [markdown]
-# ## 6. Which D_KL(p‖π) estimate to log (§4.2 metric 2): p inside the log ("ours") or naver/gdc's
-# (kl_p_m)
+# ## 6. Which D_KL(p‖π) and TVD(p, π) estimates to log (§4.2 metric 2, eq. 21)
 #
-# Both are exact in expectation with Ẑ = Z, but train() passes the running mean Ẑ of all rounds,
-# and gdc's − ours = log Ẑ·(Ẑ_N/Ẑ − 1) (check_kl_forms). A q-check as train() runs it: n samples of
-# q, Ẑ the mean of the R = step/K + 1 rounds so far (here all drawn from this q: a simplification).
+# A q-check as train() runs it, on n samples of q, where Ẑ is the mean of the R = step/K + 1 rounds
+# so far (here all drawn from this q: a simplification). D_KL(p‖π): naver/gdc's form (kl_p_m with
+# that Ẑ), the p-inside form (kl_p_m_pin, the same Ẑ), and q_check's: kl_p_m with the round's own
+# mean of P/q, which is self-normalised. TVD: tvd_p_m with that Ẑ, and q_check's, with P/q and π/q
+# both self-normalised. q either follows π as in GDC++ or stays a as for Reinforce and Ziegler.
 # %%
-def kl_forms(*runs, steps=(0, 5, 20, 100, 300), n=256, reps=200, K=5, seed=0):
-    """The table: exact KL, each estimator's exact single-sample sd (Ẑ = Z), and its bias and
-    RMSE."""
+def kl_forms(*runs, steps=(5, 20, 100, 300), n=256, reps=200, K=5, seed=0):
+    """The table: each estimate's exact RMSE over `reps` q-checks, per run, proposal and step."""
     g = torch.Generator().manual_seed(seed)
-    lines = [f"D_KL(p‖π) estimates on n = {n} samples of q, {reps} repeats: "
-             "p-inside ('ours') and gdc's (kl_p_m)",
-             f"{'Z':>6} {'step':>5} {'R':>3} {'KL exact':>8} {'sd ours':>8} {'sd gdc':>8} "
-             f"{'bias ours':>9} {'RMSE':>7} {'bias gdc':>9} {'RMSE':>7} {'Ẑ=0':>4}"]
-    picked = [r for rows in runs for r in rows if r["step"] in steps]
-    for r in picked:
-        log_P = r["log_P"]
-        lq = r["log_q"]
-        lm = r["log_pi"]
-        R = r["step"] // K + 1
-        q = lq.exp()
-        sd = [float((q @ (f - q @ f) ** 2).sqrt()) for f in kl_summands(log_P, lq, lm, r["Z"])]
-        err = torch.zeros(2, reps, dtype=DT)
-        draws = torch.multinomial(q, reps * R * n, True, generator=g).view(reps, R * n)
-        for j, all_rounds in enumerate(draws):
-            # equal rounds: Ẑ is the mean over all R·n samples, the KL estimate takes one round
-            Zh = estimate_Z(log_P[all_rounds], lq[all_rounds])
-            i = all_rounds[:n]
-            estimates = [est(log_P[i], lq[i], lm[i], Zh) for est in (kl_p_m_pin, kl_p_m)]
-            err[:, j] = torch.stack(estimates) - r["kl_p_pi"]
-        ok = err.isfinite().all(0)                                   # Ẑ = 0: no sample had P > 0
-        bias = err[:, ok].mean(1)
-        rmse = err[:, ok].pow(2).mean(1).sqrt()
-        lines.append(f"{r['Z']:>6.3g} {r['step']:>5} {R:>3} {r['kl_p_pi']:>8.4f} "
-                     f"{sd[0]:>8.3g} {sd[1]:>8.3g} {bias[0]:>+9.4f} {rmse[0]:>7.4f} "
-                     f"{bias[1]:>+9.4f} {rmse[1]:>7.4f} {int((~ok).sum()):>4}")
-    lines.append("gdc's = ours + log Ẑ·(Ẑ_N/Ẑ − 1): a control variate whose coefficient log Ẑ "
-                 "depends on the scale of P, not on p; equal at R = 1")
+    names = ("gdc's", "p-inside", "q_check", "Ẑ", "q_check")
+    lines = [f"D_KL(p‖π) and TVD(p, π) estimates on n = {n} samples of q, RMSE over {reps} repeats"
+             " but those with no P > 0 (P=0)",
+             f"{'Z':>6} {'q':>4} {'step':>4} {'KL':>6} " + " ".join(f"{x:>8}" for x in names[:3])
+             + f" {'TVD':>6} " + " ".join(f"{x:>8}" for x in names[3:]) + "  P=0"]
+    table = []
+    for rows, q_is_a in itertools.product(runs, (False, True)):
+        for r in [r for r in rows if r["step"] in steps]:
+            log_P = r["log_P"]
+            lq = rows[0]["log_q"] if q_is_a else r["log_q"]
+            lm = r["log_pi"]
+            R = r["step"] // K + 1
+            draws = torch.multinomial(lq.exp(), reps * R * n, True, generator=g).view(reps, R * n)
+            err = torch.zeros(5, reps, dtype=DT)
+            exact = torch.tensor([r["kl_p_pi"]] * 3 + [r["tvd_p_pi"]] * 2, dtype=DT)
+            for j, all_rounds in enumerate(draws):
+                Zh = estimate_Z(log_P[all_rounds], lq[all_rounds])
+                i = all_rounds[:n]                       # the KL and TVD estimates take one round
+                x = (log_P[i], lq[i], lm[i])
+                logged = q_check(*x)
+                kls = [kl_p_m(*x, Zh), kl_p_m_pin(*x, Zh), logged["kl_p_pi"]]
+                tvds = [tvd_p_m(*x, Zh), logged["tvd_p_pi"]]
+                err[:, j] = torch.tensor([float(e) for e in kls + tvds], dtype=DT) - exact
+            ok = err.isfinite().all(0)         # a round with no P > 0: q_check logs inf, gdc's −log Ẑ
+            rmse = err[:, ok].pow(2).mean(1).sqrt()
+            table.append(rmse)
+            lines.append(f"{r['Z']:>6.3g} {'a' if q_is_a else 'π':>4} {r['step']:>4} "
+                         f"{r['kl_p_pi']:>6.3f} " + " ".join(f"{e:>8.3f}" for e in rmse[:3])
+                         + f" {r['tvd_p_pi']:>6.3f} " + " ".join(f"{e:>8.3f}" for e in rmse[3:])
+                         + f" {int((~ok).sum()):>5}")
+    table = torch.stack(table)
+    for kind, cols in (("D_KL", slice(0, 3)), ("TVD", slice(3, 5))):
+        part = table[:, cols]
+        wins = torch.bincount(part.argmin(1), minlength=part.shape[1]).tolist()
+        lines.append(f"{kind}, over the {len(table)} settings ({' / '.join(names[cols])}): RMS "
+                     + " / ".join(f"{e:.3f}" for e in part.pow(2).mean(0).sqrt())
+                     + ", worst " + " / ".join(f"{e:.3f}" for e in part.max(0).values)
+                     + ", smallest in " + " / ".join(map(str, wins)))
     return "\n".join(lines)
 
 # %%

@@ -1,84 +1,61 @@
-"""What a GDC++ step and a q-check cost on this machine, timed with the functions dpg_min.train
-calls, and what the paper's budget (6.4M samples at B = 512, T = 40, K = 10, 2,048 evaluation
-samples every 10 steps) would take.
+"""What a run's samples cost, from the seconds that its metrics.jsonl records for each phase (the
+training batches' sampling, scoring and update, the q-checks, the evaluations), and what the paper's
+budget would take at the same cost per sample: 6.4M training samples at B = 512, as many q-check
+samples (K·B every K steps), and 2,048 evaluation samples every 10 steps (12,500 steps).
 
-    python figures/cost.py --model PATH.gguf --batch-size 32 --seq-len 20 \\
-        [--q-update-interval 10] [--repeats 2]
+    python figures/cost.py RUN_DIR      (a dpg_min.py run folder, finished or not)
 """
 import argparse
-import copy
+import json
 import os
-import resource
 import sys
-import time
 
 # dpg_min.py, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
-from dpg_min import (BadInput, bos_of, dpg_loss, load_lm, refuse, sample,  # noqa: E402
-                     sequence_logprob)
+from dpg_min import PHASES, BadInput, refuse  # noqa: E402
+
+PAPER = dict(train=6_400_000, q_check=6_400_000, evaluation=2_048 * (12_500 // 10 + 1))
 
 
-def timed(f):
-    t0 = time.perf_counter()
-    f()
-    return time.perf_counter() - t0
+def read_run(run):
+    """(flags, rows) of a run folder, or BadInput."""
+    try:
+        flags = json.load(open(os.path.join(run, "config.json")))["dpg_min"]
+        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{run!r} holds no readable dpg_min run ({e}): give a run folder") from None
+    if not rows or "seconds_update" not in rows[-1]:
+        raise BadInput(f"{run!r}'s metrics.jsonl has no phase times: its dpg_min.py was older "
+                       f"than the seconds_* keys; run it again")
+    return flags, rows
 
 
 def cost(argv):
     parser = argparse.ArgumentParser(prog="figures/cost.py", description=__doc__.split("\n\n")[0])
     parser.error = refuse
-    parser.add_argument("--model", default="tiny",
-                        help="a, as dpg_min.py's --model [default: tiny]")
-    parser.add_argument("--batch-size", type=int, default=32, help="B [default: 32]")
-    parser.add_argument("--seq-len", type=int, default=20, help="T [default: 20]")
-    parser.add_argument("--q-update-interval", type=int, default=10,
-                        help="K: a q-check scores K·B samples [10]")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="time each part this many times, keep the least [2]")
-    args = parser.parse_args(argv)
-    if min(args.batch_size, args.seq_len, args.q_update_interval, args.repeats) <= 0:
-        refuse("--batch-size, --seq-len, --q-update-interval and --repeats must be positive "
-               "integers")
-    a, tokenizer = load_lm(args.model)
-    a.eval().requires_grad_(False)
-    pi = copy.deepcopy(a).requires_grad_(True)
-    B, T, K = args.batch_size, args.seq_len, args.q_update_interval
-    opt = torch.optim.Adam(pi.parameters(), lr=1e-6)
-    bos = bos_of(tokenizer)
-
-    def step():
-        # Algorithm 1 lines 3-6, as train does them for DPG (q = a here)
-        ids, logp_q = sample(a, B, T, bos, B)
-        log_P = sequence_logprob(a, ids, B)
-        opt.zero_grad()
-        loss = dpg_loss(sequence_logprob(pi, ids, B), logp_q, log_P, 1.0, True)[0]
-        loss.backward()
-        opt.step()
-
-    def q_check(score_pi=True):
-        # lines 7-10: K·B fresh samples of q, scored by a and π
-        ids, _ = sample(a, K * B, T, bos, B)
-        with torch.no_grad():
-            sequence_logprob(a, ids, B)
-            if score_pi:
-                sequence_logprob(pi, ids, B)
-
-    def evaluation():
-        # samples, scored by a only
-        q_check(score_pi=False)
-
-    parts = dict(step=step, q_check=q_check, evaluation=evaluation)
-    s = {name: min(timed(f) for _ in range(args.repeats)) for name, f in parts.items()}
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"{args.model}: B = {B}, T = {T}, K = {K}, {torch.get_num_threads()} thread(s), "
-          f"least of {args.repeats}: a training step {s['step']:.1f} s; "
-          f"a q-check of {K * B} samples {s['q_check']:.1f} s; "
-          f"drawing and scoring {K * B} evaluation samples {s['evaluation']:.1f} s; "
-          f"peak RSS {peak_gb:.1f} GB")
-    print(f"per training sample {s['step'] / B:.3f} s, "
-          f"per q-check sample {s['q_check'] / (K * B):.3f} s, "
-          f"per evaluation sample {s['evaluation'] / (K * B):.3f} s")
+    parser.add_argument("run", metavar="RUN_DIR", help="a dpg_min.py run folder")
+    flags, rows = read_run(parser.parse_args(argv).run)
+    B, K, steps = flags["batch_size"], flags["q_update_interval"], rows[-1]["step"]
+    seconds = {p: sum(r[f"seconds_{p}"] for r in rows) for p in PHASES}
+    checks = steps // K + 1                     # train()'s q-checks: at step 0, every K steps...
+    if steps % K:
+        checks += 1                             # ...and at the last; each draws K·B samples
+    samples = dict(train=B * steps, q_check=K * B * checks,
+                   evaluation=flags["eval_samples"] * len(rows))     # an evaluation a row
+    n_train = max(samples["train"], 1)              # 0 while a run has logged step 0 alone
+    per = dict(train=(seconds["sampling"] + seconds["scoring"] + seconds["update"]) / n_train,
+               q_check=seconds["q_check"] / samples["q_check"],
+               evaluation=seconds["evaluation"] / samples["evaluation"])
+    total = sum(seconds.values())
+    print(f"{flags['model']}: B = {B}, T = {flags['seq_len']}, K = {K}, {steps} steps, "
+          f"{total:.0f} s in the five phases: "
+          + ", ".join(f"{p} {s:.1f} s ({100 * s / total:.0f}%)" for p, s in seconds.items()))
+    parts = ", ".join(f"{p} {seconds[p] / n_train:.3g}" for p in ("sampling", "scoring", "update"))
+    print(f"per training sample {per['train']:.3g} s ({parts}); per q-check sample "
+          f"{per['q_check']:.3g} s; per evaluation sample {per['evaluation']:.3g} s")
+    paper = sum(PAPER[k] * per[k] for k in PAPER)
+    print(f"the paper's budget at these costs (this run's T and machine; cost taken as linear in "
+          f"the samples): {paper:.3g} s, {paper / 86_400:.1f} days")
 
 
 def main(argv=None):

@@ -350,6 +350,33 @@ def test_kl_p_m_gradient_wrt_log_m_is_minus_p_over_Nq_and_zero_where_P_is_zero()
     assert no_nan(g)
 
 
+LOG_VALUES = st.floats(-30, 30)
+
+
+@given(st.lists(st.tuples(st.one_of(LOG_VALUES, st.just(-INF)), LOG_VALUES, LOG_VALUES),
+                min_size=1, max_size=12), st.floats(-20, 20), st.sampled_from([0.02, 1.0, 7.0]))
+def test_q_check_is_self_normalised_bounded_and_decides_as_gdcs_form(rows, shift, Z):
+    """q_check divides P/q and π/q by their means on the sample: its estimates do not move when P is
+    scaled (p is the same), TVD̂ ≤ 1, KL̂ is the SNIS sum, and "q ← π if KL̂(p‖π) < KL̂(p‖q)" decides
+    as with naver/gdc's form under any Ẑ > 0 (the two differ by a term that does not depend on π)."""
+    log_P, lp_q, lp_pi = (t(list(column)) for column in zip(*rows))
+    c = dm.q_check(log_P, lp_q, lp_pi)
+    if not (log_P > -INF).any():                        # no P > 0: nothing to estimate
+        assert c["kl_p_pi"] == c["kl_p_q"] == c["tvd_p_pi"] == INF
+        return
+    scaled = dm.q_check(log_P + shift, lp_q, lp_pi)
+    for key in ("kl_p_pi", "kl_p_q", "tvd_p_pi"):
+        assert scaled[key] == pytest.approx(c[key], rel=1e-9, abs=1e-9)
+    assert 0 <= c["tvd_p_pi"] <= 1 + 1e-12
+    w = torch.softmax(log_P - lp_q, 0)
+    held = log_P > -INF
+    snis = (w[held] * (log_P - lp_pi)[held]).sum() - dm.estimate_Z(log_P, lp_q).log()
+    assert c["kl_p_pi"] == pytest.approx(snis.item(), rel=1e-9, abs=1e-9)
+    gdc = dm.kl_p_m(log_P, lp_q, lp_pi, Z) - dm.kl_p_m(log_P, lp_q, lp_q, Z)
+    if abs(gdc) > 1e-6 * (1 + abs(c["kl_p_pi"]) + abs(c["kl_p_q"])):   # not a tie up to rounding
+        assert (c["kl_p_pi"] < c["kl_p_q"]) == (gdc < 0)
+
+
 def test_tvd_p_pi_is_mean_abs_gdcpp_advantage_over_2Z():
     """Paper eq. 21: E_q|A| = 2·Z·TVD(p, π), A the GDC++ advantage."""
     A = dm.dpg_advantage(t(LP_PI), t(LP_Q), t(LOG_P), Z0, baseline=True)
