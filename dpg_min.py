@@ -194,8 +194,7 @@ def estimate_Z(log_P, logp_q):
 
 def kl_p_m(log_P, logp_q, logp_m, Z):
     """D_KL(p‖m) ≈ −log Z + (1/N) Σ_i (P(x_i)/(Z·q(x_i)))·(log P(x_i) − log m(x_i)), x_i ~ q (§4.2,
-    metric 2). GDC passes the running Ẑ (gdc/base_trainer.py L84-242); q_check, the round's own mean
-    of P/q, which makes it self-normalised (README, "Which estimate"). Z = 0 gives +inf."""
+    metric 2); with Z the running Ẑ, GDC's form (gdc/base_trainer.py L84-242). Z = 0 gives +inf."""
     log_Z = log_P.new_tensor(float(Z)).log()                        # −inf when Z = 0
     log_p = torch.where(log_P > -math.inf, log_P - log_Z, log_P)
     weight = torch.exp(log_p - logp_q - math.log(len(log_P)))     # p/(N·q)
@@ -662,9 +661,8 @@ def self_bleu(texts, ns=(3, 4, 5)):
     return [sum(column) / len(scores) for column in zip(*scores)]
 
 def q_check(log_P, logp_q, logp_pi):
-    """Alg. 1 lines 7-10 on samples of q: KL̂(p‖π), KL̂(p‖q), TVD̂(p, π), and ESS/N of P/q. P/q and
-    π/q are divided by their own means on the sample, so that each sums to 1: toy_exact.py's
-    comparison of the forms chose it, and TVD̂ cannot exceed 1 (README, "Which estimate")."""
+    """Alg. 1 lines 7-10 on samples of q: KL̂(p‖π), KL̂(p‖q), TVD̂(p, π), ESS/N of P/q, with P/q and
+    π/q self-normalised: each divided by its mean (README, "Which estimate is logged")."""
     Z_N = estimate_Z(log_P, logp_q)
     logp_pi_N = logp_pi - estimate_Z(logp_pi, logp_q).log()        # mean π/q: 1 on the sample
     return dict(kl_p_pi=kl_p_m(log_P, logp_q, logp_pi, Z_N).item(),
