@@ -618,7 +618,7 @@ def kl_forms(*runs, steps=(5, 20, 100, 300), n=256, reps=200, K=5, seed=0):
                 kls = [kl_p_m(*x, Zh), kl_p_m_pin(*x, Zh), logged["kl_p_pi"]]
                 tvds = [tvd_p_m(*x, Zh), logged["tvd_p_pi"]]
                 err[:, j] = torch.tensor([float(e) for e in kls + tvds], dtype=DT) - exact
-            ok = err.isfinite().all(0)         # a round with no P > 0: q_check logs inf, gdc's −log Ẑ
+            ok = err.isfinite().all(0)      # a round with no P > 0: q_check gives inf, gdc's −log Ẑ
             rmse = err[:, ok].pow(2).mean(1).sqrt()
             table.append(rmse)
             lines.append(f"{r['Z']:>6.3g} {'a' if q_is_a else 'π':>4} {r['step']:>4} "

@@ -35,7 +35,9 @@ def cost(argv):
     parser.error = refuse
     parser.add_argument("run", metavar="RUN_DIR", help="a dpg_min.py run folder")
     flags, rows = read_run(parser.parse_args(argv).run)
-    B, K, steps = flags["batch_size"], flags["q_update_interval"], rows[-1]["step"]
+    B = flags["batch_size"]
+    K = flags["q_update_interval"]
+    steps = rows[-1]["step"]
     seconds = {p: sum(r[f"seconds_{p}"] for r in rows) for p in PHASES}
     checks = steps // K + 1                     # train()'s q-checks: at step 0, every K steps...
     if steps % K:

@@ -356,9 +356,9 @@ LOG_VALUES = st.floats(-30, 30)
 @given(st.lists(st.tuples(st.one_of(LOG_VALUES, st.just(-INF)), LOG_VALUES, LOG_VALUES),
                 min_size=1, max_size=12), st.floats(-20, 20), st.sampled_from([0.02, 1.0, 7.0]))
 def test_q_check_is_self_normalised_bounded_and_decides_as_gdcs_form(rows, shift, Z):
-    """q_check divides P/q and π/q by their means on the sample: its estimates do not move when P is
-    scaled (p is the same), TVD̂ ≤ 1, KL̂ is the SNIS sum, and "q ← π if KL̂(p‖π) < KL̂(p‖q)" decides
-    as with naver/gdc's form under any Ẑ > 0 (the two differ by a term that does not depend on π)."""
+    """q_check divides P/q and π/q by their means on the sample: its estimates do not move when P
+    is scaled (p is the same), TVD̂ ≤ 1, KL̂ is the SNIS sum, and "q ← π if KL̂(p‖π) < KL̂(p‖q)"
+    decides as with naver/gdc's form under any Ẑ > 0 (their gap does not depend on π)."""
     log_P, lp_q, lp_pi = (t(list(column)) for column in zip(*rows))
     c = dm.q_check(log_P, lp_q, lp_pi)
     if not (log_P > -INF).any():                        # no P > 0: nothing to estimate
