@@ -935,7 +935,7 @@ def time_split(metrics):
     total = max(rows[-1]["seconds"], 0.1)
     spent = {name: sum(row[f"seconds_{name}"] for row in rows) for name in PHASES}
     shares = [f"{name} {seconds / total:.0%}" for name, seconds in spent.items()]
-    return (f"time: {', '.join(shares)} of {total:.1f} s; {rows[-1]['samples'] / total:.0f} "
+    return (f"time: {', '.join(shares)} of {total:.1f} s; {fmt(rows[-1]['samples'] / total)} "
             f"training samples/s")
 
 def log_row(cfg, s, m, texts, n_steps, log):
