@@ -121,7 +121,11 @@ def test_a_short_gdcpp_run_logs_every_metric_and_saves_a_reloadable_pi(smol, tmp
     # (tests/test_training.py: 8 s here)
     r = rows[1]
     assert r.pop("beta") is None and r.pop("var_G") is None and 0 <= r.pop("E_pi_phi")[0] <= 1
+    if r["ess_P_q"] == 0:       # none of the q-check's 4 samples has P > 0: D_KL, TVD unknown
+        for key in ("kl_p_pi", "kl_p_q", "tvd_p_pi"):
+            assert r.pop(key) is None, key
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in r.values()), r
+    assert 0 < rows[0]["kl_p_pi"] < math.inf and 0 < rows[0]["tvd_p_pi"] <= 1
     # step 0 evaluates a itself: π = a
     assert abs(rows[0]["kl_pi_a"]) < 1e-4 and rows[0]["var_A"] is None
     pi = AutoModelForCausalLM.from_pretrained(out)        # the saved π, as the log says to load it
