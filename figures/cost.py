@@ -12,44 +12,45 @@ import sys
 
 # dpg_min.py, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpg_min import PHASES, BadInput, refuse  # noqa: E402
+from dpg_min import PHASES, BadInput, Config, refuse, saved_flags  # noqa: E402
 
 PAPER = dict(train=6_400_000, q_check=6_400_000, evaluation=2_048 * (12_500 // 10 + 1))
 
 
 def read_run(run):
-    """(flags, rows) of a run folder, or BadInput."""
+    """(Config, rows) of a run folder, read as figures/plot.py reads it, or BadInput."""
     try:
-        flags = json.load(open(os.path.join(run, "config.json")))["dpg_min"]
-        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInput(f"{run!r} holds no readable dpg_min run ({e}): give a run folder") from None
+        cfg = Config(**saved_flags(run))
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    except (OSError, ValueError, TypeError):
+        refuse(f"{run!r} holds no dpg_min run (config.json and metrics.jsonl)")
     if not rows or "seconds_update" not in rows[-1]:
-        raise BadInput(f"{run!r}'s metrics.jsonl has no phase times: its dpg_min.py was older "
-                       f"than the seconds_* keys; run it again")
-    return flags, rows
+        refuse(f"{run!r}'s metrics.jsonl has no phase times: its dpg_min.py was older than the "
+               f"seconds_* keys; run it again")
+    return cfg, rows
 
 
 def cost(argv):
     parser = argparse.ArgumentParser(prog="figures/cost.py", description=__doc__.split("\n\n")[0])
     parser.error = refuse
     parser.add_argument("run", metavar="RUN_DIR", help="a dpg_min.py run folder")
-    flags, rows = read_run(parser.parse_args(argv).run)
-    B = flags["batch_size"]
-    K = flags["q_update_interval"]
+    cfg, rows = read_run(parser.parse_args(argv).run)
+    B = cfg.batch_size
+    K = cfg.q_update_interval
     steps = rows[-1]["step"]
     seconds = {p: sum(r[f"seconds_{p}"] for r in rows) for p in PHASES}
     checks = steps // K + 1                     # train()'s q-checks: at step 0, every K steps...
     if steps % K:
         checks += 1                             # ...and at the last; each draws K·B samples
     samples = dict(train=B * steps, q_check=K * B * checks,
-                   evaluation=flags["eval_samples"] * len(rows))     # an evaluation a row
+                   evaluation=cfg.eval_samples * len(rows))     # an evaluation a row
     n_train = max(samples["train"], 1)              # 0 while a run has logged step 0 alone
     per = dict(train=(seconds["sampling"] + seconds["scoring"] + seconds["update"]) / n_train,
                q_check=seconds["q_check"] / samples["q_check"],
                evaluation=seconds["evaluation"] / samples["evaluation"])
     total = sum(seconds.values())
-    print(f"{flags['model']}: B = {B}, T = {flags['seq_len']}, K = {K}, {steps} steps, "
+    print(f"{cfg.model}: B = {B}, T = {cfg.seq_len}, K = {K}, {steps} steps, "
           f"{total:.0f} s in the five phases: "
           + ", ".join(f"{p} {s:.1f} s ({100 * s / total:.0f}%)" for p, s in seconds.items()))
     parts = ", ".join(f"{p} {seconds[p] / n_train:.3g}" for p in ("sampling", "scoring", "update"))

@@ -260,7 +260,7 @@ def test_compare_reloads_each_pi_and_prints_it_beside_a(two_runs, capsys, read_m
     ("compare", ["RUN", "--samples", "0"], "--samples must be a positive integer"),
     ("base_rates", ["--samples", "-1"], "must be positive integers"),
     ("base_rates", ["--model", "/no/such/model"], "cannot load --model '/no/such/model'"),
-    ("cost", ["/no/such/run"], "'/no/such/run' holds no readable dpg_min run"),
+    ("cost", ["/no/such/run"], "'/no/such/run' holds no dpg_min run"),
 ])
 def test_the_figure_scripts_bad_input_is_one_line_exit_2(two_runs, capsys, script, args, message):
     with pytest.raises(SystemExit) as exit_info:
