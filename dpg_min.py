@@ -8,14 +8,12 @@ LM a, P(x) = a(x)·φ_hard(x)·exp(λ·φ(x)), then trains π_θ to minimise D_K
 Policy Gradient (DPG). GDC++ subtracts the baseline Z·π_θ(x)/q(x) from DPG's weight P(x)/q(x): no
 bias (Facts 1-2), and an advantage centred on zero (Fig. 2).
 
-How to read it. Part I is the method, top to bottom as the paper: the math (pure functions of
-log-probs, checked exactly by toy_exact.py), exact sampling and log-probs, the tasks and the EBM,
-evaluation, and training, whose `train` is Algorithm 1 with the comparison methods of §4.3. `cfg`
-is the run's Config: one field per flag, with its default's source (Part II's first section).
-Part II, after the marker line, makes the method a tool and teaches nothing about the paper: the
-flags, many processes (torchrun), loading models and word lists, the run folder (atomic writes,
-lock, checkpoints, resume), the log, and `main`. Part I calls it only by names that say what they
-do (`gather`, `save_checkpoint`, `refuse`).
+Read Part I, the method, top to bottom as the paper: the math (pure functions of log-probs, checked
+exactly by toy_exact.py), sampling and log-probs, the tasks and the EBM, evaluation, and training:
+`train` is Algorithm 1, with the comparison methods of §4.3 in the same loop. Part II, after its
+marker line, makes the method a tool: Config (a flag a field, each default's source), the command
+line, loading models, processes (torchrun), the run folder, the log and `main`. Part I calls into
+it only by names that say what they do (`gather`, `save_checkpoint`, `refuse`).
 
     python dpg_min.py --task amazing --baseline --model tiny      # GDC++, offline, on a CPU
     torchrun --standalone --nproc_per_node N dpg_min.py [flags]     # on N processes
@@ -186,8 +184,7 @@ def batch_stats(A, log_P, logp_q, logp_pi, Z_hat, dpg):
 
 # --- Sampling and log-probs. ids (B, T + 1) is BOS then T tokens, and log m(x) = Σ_{t=1..T}
 # log m(y_t | BOS, y_<t). No EOS stop (as GDC): every x has T tokens. No forward pass, sampling
-# included, takes more than --forward-batch-size rows. Under torchrun, each process computes its
-# own rows of a batch (`own_rows`) and `gather` hands every process the whole batch.
+# included, takes more than --forward-batch-size rows.
 def bos_of(tokenizer):
     """The token every sample starts from: BOS, or EOS where a tokenizer has no BOS (GPT-2)."""
     if tokenizer.bos_token_id is not None:
@@ -285,13 +282,13 @@ def polarity(label):
 
 def feature(name, text, wordlists=WORDLISTS):
     """φ(x) ∈ {0, 1} of a decoded text for the feature `name` (see the section's comment)."""
-    kind, _, arg = name.partition(":")
+    kind, _, which = name.partition(":")
     words = re.findall(r"\w+", text)
     lower = [w.lower() for w in words]
     if kind == "word":
-        return float(arg in words)
+        return float(which in words)
     if kind == "list":
-        return float(not set(wordlists[arg]).isdisjoint(lower))
+        return float(not set(wordlists[which]).isdisjoint(lower))
     if kind == "female":
         return float(sum(w in FEMALE for w in lower) > sum(w in MALE for w in lower))
     raise ValueError(f"unknown feature {name!r}: use word:W, list:NAME or female")
@@ -635,15 +632,13 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
             s["spent"] = {}                                             # each row: since the last
         if step % cfg.save_interval == 0 or step == n_steps:
             save_checkpoint(cfg, models, s, target, ids[:f])    # refused if π's log-probs are NaN
-    end_run(pi, tokenizer, cfg, log)
+    save_policy(pi, tokenizer, cfg, log)                            # and the time split
     return pi, s["m"]
 
 # === Part II: running it ===
 
-# --- Config: the paper's GPT-2 setting. It opens Part II because its fields are the command line's
-# flags (`batch_size`: `--batch-size`), each checked by an argparse type defined first; Part I reads
-# cfg.NAME alone. Each help names its default's source: "GDC++" is naver/gdc@a59c5b7
-# rm_vs_dm/gdc/configs/gdc++/*.json.
+# --- Config: the paper's GPT-2 setting, a flag a field (`batch_size`: `--batch-size`) checked by an
+# argparse type. A help's "(GDC++)": the default of naver/gdc@a59c5b7 rm_vs_dm/gdc/configs/gdc++/.
 GDC = "naver/gdc@a59c5b7 rm_vs_dm/gdc/"
 METHODS = ("dpg", "reinforce", "ziegler")
 
@@ -725,8 +720,7 @@ TINY = dict(seq_len=20, batch_size=128, forward_batch_size=128, steps=240, lr=1e
             eval_interval=20, eval_samples=1024, lambda_samples=4096, diversity_samples=100,
             classifier="tiny")
 
-# --- Command line: `python dpg_min.py [flags]`, its flags checked at once. Bad input is one line
-# (BadInput, `refuse`), exit 2, and writes nothing.
+# --- Command line: `python dpg_min.py [flags]`; bad input is one line, exit 2, nothing written
 class BadInput(Exception):
     """A user error: `main` prints one line, exits with 2, and has written nothing."""
 
@@ -843,8 +837,7 @@ def check_flags(cfg, task):
         refuse(f"--method {cfg.method} needs a pointwise task (every moment 0 or 1): no reward "
                f"expresses μ̄ = {task.mu_bar} (paper §4); use --method dpg")
 
-# --- Loading models and tasks: the tiny model built in code, HF names and folders, GGUF files,
-# `--model smollm2`, the sentiment classifier, word lists
+# --- Loading models and tasks: tiny (built in code), HF names and folders, GGUF, word lists
 TINY_SIZES = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64)     # `--model tiny`
 
 def build_tiny(words, seed=0, labels=None, **sizes):
@@ -1005,7 +998,6 @@ def task_words(task):
 # --- Processes. Under `torchrun --nproc_per_node N`, process r of N draws the same uniforms as
 # all the others and samples and scores only its r-th share of each batch; `gather` gives every
 # process the whole batch, so every estimate, λ and q ← π are the same numbers on all of them.
-# Process 0 alone checks the input and writes the run folder.
 RANK = int(os.environ.get("RANK", 0))               # r, set by torchrun (nanoGPT's names)
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))   # N
 
@@ -1055,8 +1047,7 @@ def start_processes():
     torch.distributed.init_process_group()
     atexit.register(torch.distributed.destroy_process_group)
 
-# --- The run folder OUT: every file written whole or not at all, one run at a time (a lock), a
-# checkpoint that resumes the run exactly, π saved for from_pretrained
+# --- The run folder OUT (process 0's): files written whole, a lock, checkpoints, resume, π saved
 def clear(out, everything=False):
     """Deletes what unfinished writes left in OUT (NAME.tmp, files or folders), or everything."""
     for name in os.listdir(out):
@@ -1196,10 +1187,13 @@ def restore_checkpoint(ckpt, models, cfg):
         torch.cuda.set_rng_state(rng["cuda"], device)
     return ckpt["s"]
 
-def save_policy(pi, tokenizer, cfg):
-    """π and its tokenizer, for from_pretrained, with generation settings under which `generate`
-    samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS, no stop.
-    Staged in OUT/pi.tmp, then moved into OUT file by file, the weights last (see pi_saved)."""
+def save_policy(pi, tokenizer, cfg, log):
+    """The run's end: π and its tokenizer, for from_pretrained, with generation settings under which
+    `generate` samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS,
+    no stop. Staged in OUT/pi.tmp, then moved into OUT file by file, the weights last (see
+    pi_saved); process 0's alone. Then the log's last lines: where the time went, where π is."""
+    if RANK != 0:
+        return
     pi.generation_config = transformers.GenerationConfig(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=cfg.seq_len,
         bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
@@ -1210,19 +1204,14 @@ def save_policy(pi, tokenizer, cfg):
     for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
         os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
     os.rmdir(tmp)
+    log(time_split(os.path.join(cfg.out, "metrics.jsonl")))
+    log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
 
 def pi_saved(out):
     """Whether OUT holds the π of its last checkpoint: π's weights, moved in last, are newer."""
     checkpoint = os.path.getmtime(os.path.join(out, "checkpoint.pt"))
     weights = [os.path.join(out, n) for n in os.listdir(out) if n.startswith("model.safetensors")]
     return any(os.path.getmtime(path) >= checkpoint for path in weights)
-
-def end_run(pi, tokenizer, cfg, log):
-    """The run's last words: π saved (process 0), the time split, where π is."""
-    if RANK == 0:
-        save_policy(pi, tokenizer, cfg)
-        log(time_split(os.path.join(cfg.out, "metrics.jsonl")))
-    log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
 
 def discard(out, existed):
     """A new run that stops before its first checkpoint leaves no folder behind."""
