@@ -127,3 +127,39 @@ def copy_run(tmp_path):
     def copy(out, name="copy"):
         return shutil.copytree(out, tmp_path / name)
     return copy
+
+
+# pytest-xdist (pyproject.toml: `-n auto`) runs the suite on every core. Tests that share an
+# expensive fixture run in one worker, so that it is built once: each module of SHARED is one unit
+# of work, test_plot's and test_training's tests together (the session's method_runs), every other
+# test a unit of its own. The shared units start first, the longest first (seconds on 2 cores), so
+# that the workers end together. (xdist's own `--dist loadgroup` marks are lost under pytest 9.2,
+# whose nodes no longer read `_nodeid`: a group of ours, by module, needs no marks.)
+SHARED = {"test_real_lm.py": "smollm2", "test_plot.py": "method_runs",
+          "test_training.py": "method_runs", "test_distributed.py": "torchrun"}
+LONGEST_FIRST = ["smollm2", "method_runs", "torchrun"]     # ~70, ~60, ~40 s
+
+
+def shared_unit(nodeid):
+    """The unit of work of the test nodeid: its SHARED group, or None."""
+    return SHARED.get(os.path.basename(nodeid.partition("::")[0]))
+
+
+def start_of(item):
+    """Where item's unit starts: the longest shared units first, then the other tests."""
+    unit = shared_unit(item.nodeid)
+    return LONGEST_FIRST.index(unit) if unit else len(LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=start_of)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedUnits(LoadScopeScheduling):
+        """xdist's scheduling by scope, with shared_unit's scopes."""
+        def _split_scope(self, nodeid):
+            return shared_unit(nodeid) or nodeid
+    return SharedUnits(config, log)
