@@ -3,11 +3,12 @@ the final write resume to the uninterrupted run; one run per folder; --resume ch
 continues; a full disk, Ctrl-C and a π broken by its last update stop with one line."""
 import errno
 import json
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,36 +16,54 @@ from transformers import AutoModelForCausalLM
 
 import dpg_min as dm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 RUN = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "4", "--eval-interval",
        "1", "--save-interval", "2", "--q-update-interval", "2", "--batch-size", "16",
        "--forward-batch-size", "16", "--eval-samples", "16", "--seq-len", "8",
        "--diversity-samples", "16"]
 
-# `python -c KILLER NAME N FLAGS...`: dpg_min.main(FLAGS) in a process that kills itself with
-# SIGKILL at the N-th rename onto OUT/NAME, once the file's new version is written whole under its
-# temporary name: the last moment before the write takes effect.
-KILLER = """
-import os, signal, sys
-import dpg_min
-name, n = sys.argv[1], int(sys.argv[2])
-replace = os.replace
-seen = []
-def replace_or_die(src, dst):
-    seen.append(os.path.basename(dst) == name)
-    if sum(seen) == n and seen[-1]:
-        os.kill(os.getpid(), signal.SIGKILL)
-    replace(src, dst)
-os.replace = replace_or_die
-dpg_min.main(sys.argv[3:])
-"""
+# A run killed for real, in a process of its own: forked from a server that imported dpg_min and
+# the tiny model's modules once (multiprocessing's forkserver), it starts in ~0.5 s, where a new
+# interpreter spends ~5 s importing them (measured here).
+CHILDREN = multiprocessing.get_context("forkserver")
+CHILDREN.set_forkserver_preload([__name__, "dpg_min", "tokenizers",
+                                 "transformers.models.gpt2.modeling_gpt2"])
+
+
+def main_killed_at(name, n, flags):
+    """In the child: dpg_min.main(FLAGS), SIGKILLed at the N-th rename onto OUT/NAME, once the
+    file's new version is written whole under its temporary name: the last moment before the write
+    takes effect."""
+    replace = os.replace
+    seen = []
+
+    def replace_or_die(src, dst):
+        seen.append(os.path.basename(dst) == name)
+        if sum(seen) == n and seen[-1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+    os.replace = replace_or_die
+    dm.main(flags)
+
+
+def main_logged(flags, err):
+    """In the child: dpg_min.main(FLAGS), its stderr into the file ERR, its stdout to nowhere."""
+    os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    dm.main(flags)
+
+
+def hold_lock(out, holding):
+    """In the child: OUT's lock taken, `holding` set, then a minute's sleep."""
+    dm.lock_folder(out)
+    holding.set()
+    time.sleep(60)
 
 
 def run_killed(name, n, flags):
-    result = subprocess.run([sys.executable, "-c", KILLER, name, str(n), *flags], cwd=ROOT,
-                            capture_output=True, text=True)
-    assert result.returncode == -signal.SIGKILL, result.stderr
+    child = CHILDREN.Process(target=main_killed_at, args=(name, n, flags))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
 
 
 def main_exit(args, capsys):
@@ -120,10 +139,10 @@ def test_a_kill_in_the_final_save_of_a_resumed_run_is_not_taken_for_its_earlier_
 def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_blocks(
         finished, capsys, files_of):
     out = str(finished)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, dpg_min; "
-                               "dpg_min.lock_folder(sys.argv[1]); print(1, flush=True); "
-                               "time.sleep(60)", out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "1\n"                        # it holds the lock
+    holding = CHILDREN.Event()
+    holder = CHILDREN.Process(target=hold_lock, args=(out, holding))
+    holder.start()
+    assert holding.wait(60)                                         # it holds the lock
     before = files_of(out)
     for args in (RUN + ["--out", out], ["--resume", out, "--steps", "6"],
                  RUN + ["--out", out, "--overwrite"]):
@@ -131,7 +150,7 @@ def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_
         assert code == 2 and "is in use by a run that is still going" in err
     assert files_of(out) == before
     holder.kill()
-    holder.wait()
+    holder.join()
     dm.main(["--resume", out, "--steps", "6"])
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["s"]["step"] == 6
 
@@ -139,10 +158,13 @@ def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_
 def test_two_runs_started_into_one_new_folder_give_one_run_and_one_refusal(tmp_path,
                                                                            read_metrics):
     out = str(tmp_path / "run")
-    runs = [subprocess.Popen([sys.executable, "dpg_min.py", *RUN, "--out", out], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    results = sorted((p.wait(), p.stderr.read()) for p in runs)
+    errs = [str(tmp_path / f"err{i}") for i in range(2)]
+    runs = [CHILDREN.Process(target=main_logged, args=(RUN + ["--out", out], err)) for err in errs]
+    for child in runs:
+        child.start()
+    for child in runs:
+        child.join()
+    results = sorted((child.exitcode, Path(err).read_text()) for child, err in zip(runs, errs))
     assert [code for code, _ in results] == [0, 2], results
     assert ("is in use by a run that is still going" in results[1][1]
             or "already exists and is not an empty directory" in results[1][1])
