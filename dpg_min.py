@@ -1310,6 +1310,13 @@ def progress_bar(steps, n_steps):
     """The steps, with tqdm's bar of them on process 0 (a resumed run's bar starts where it was)."""
     return tqdm(steps, initial=steps.start, total=n_steps + 1, disable=None if RANK == 0 else True)
 
+def tolerate_console():
+    """stdout and stderr that replace what the console cannot encode (π on a Windows console, or
+    a redirect under a non-UTF-8 locale) with "?", rather than stop the run."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
 def print_line(line):
     """A line of the run's log, above tqdm's progress bar, flushed at once; process 0's alone."""
     if RANK == 0:
@@ -1323,6 +1330,7 @@ def stop(message, status):
     sys.exit(status)
 
 def main(argv=None):
+    tolerate_console()
     start_processes()
     writer = RANK == 0
     cfg = None

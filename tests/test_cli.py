@@ -261,6 +261,21 @@ def test_the_program_prints_one_line_and_no_traceback_on_bad_input():
         "hybrid-sports, hybrid-politics, or give --word or --wordlist"]
 
 
+def test_a_console_that_cannot_encode_pi_gets_question_marks_and_the_run_goes_on(tmp_path):
+    """Under a legacy code page (cp1252 has no π, no μ, no ‖), the lines print with "?" in their
+    place and the run ends as usual, where it stopped with a UnicodeEncodeError (issue 28)."""
+    env = dict(os.environ, PYTHONIOENCODING="cp1252")
+    result = subprocess.run([sys.executable, "dpg_min.py", "--model", "tiny", "--word", "zebra",
+                             "--steps", "1", "--batch-size", "8", "--seq-len", "4",
+                             "--eval-interval", "1", "--eval-samples", "8",
+                             "--q-update-interval", "1", "--out", str(tmp_path / "run")],
+                            cwd=ROOT, env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode("cp1252")
+    printed = result.stdout.decode("cp1252")
+    assert "step 1/1" in printed and f"saved ? to {tmp_path / 'run'}" in printed
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_the_command_line_runs_end_to_end(tmp_path, read_metrics):
     """`python dpg_min.py ... --model tiny` with a custom word: exit 0, metrics, config and model
     saved; it prints nothing but its own lines (no warning of transformers about the sampler's
