@@ -19,7 +19,7 @@ it only by names that say what they do (`gather`, `save_checkpoint`, `refuse`).
     torchrun --standalone --nproc_per_node N dpg_min.py [flags]     # on N processes
 """
 import argparse, atexit, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os
-import random, re, shutil, socket, sys, time
+import random, re, shutil, socket, stat, sys, time, unicodedata
 from collections import Counter, namedtuple
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -280,15 +280,19 @@ def polarity(label):
         return "negative"
     return ""
 
+def nfc(text):
+    """text in the composed form (NFC) that words compare in: "e" + a combining acute is "é"."""
+    return unicodedata.normalize("NFC", text)
+
 def feature(name, text, wordlists=WORDLISTS):
     """φ(x) ∈ {0, 1} of a decoded text for the feature `name` (see the section's comment)."""
     kind, _, which = name.partition(":")
-    words = re.findall(r"\w+", text)
+    words = re.findall(r"\w+", nfc(text))
     lower = [w.lower() for w in words]
     if kind == "word":
         return float(which in words)
     if kind == "list":
-        return float(not set(wordlists[which]).isdisjoint(lower))
+        return float(not set(lower).isdisjoint(wordlists[which]))  # fast if a set (phi_matrix)
     if kind == "female":
         return float(sum(w in FEMALE for w in lower) > sum(w in MALE for w in lower))
     raise ValueError(f"unknown feature {name!r}: use word:W, list:NAME or female")
@@ -298,6 +302,7 @@ def phi_matrix(features, texts, wordlists=WORDLISTS, classify=None):
     labels = []
     if classify:
         labels = [polarity(r["label"]) for r in classify(texts, batch_size=32, truncation=True)]
+    wordlists = {k: frozenset(words) for k, words in wordlists.items()}    # once, not per text
     columns = []
     for f in features:
         if f.startswith(SENTIMENT):
@@ -655,7 +660,7 @@ def checked(kind, ok, must):
 POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
 NATURAL = checked(int, lambda v: v >= 0, "0 or more")
 FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
-WORD = checked(str, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
+WORD = checked(nfc, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
 SEED = checked(int, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seeds)")
 DEVICE = checked(str, re.compile(r"cpu|cuda(:\d+)?").fullmatch, "cpu, cuda or cuda:N")
 
@@ -956,13 +961,27 @@ def load_classifier(name, device):
     return transformers.pipeline("text-classification", model=model.eval(), tokenizer=tokenizer,
                                  device=device)
 
+WORDLIST_BYTES = 2**26         # --wordlist's bound: 64 MiB, millions of words
+
 def read_wordlist(path):
-    """The lowercased words of a file, one a line (# comments skipped); BadInput names bad lines."""
+    """The lowercased words of a file, one a line (# comments skipped), UTF-8 with or without a
+    BOM, in NFC; BadInput names bad lines. Only a regular file of at most WORDLIST_BYTES is read:
+    a FIFO blocks a plain open() forever, a device may never end."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(i + 1, w.strip()) for i, w in enumerate(f)]
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)         # a FIFO: no wait for a writer
+    except OSError as e:
+        refuse(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
+    info = os.fstat(fd)
+    too_long = info.st_size > WORDLIST_BYTES
+    if too_long or not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        what = f"holds over {WORDLIST_BYTES} bytes" if too_long else "is not a regular file"
+        refuse(f"--wordlist {path!r} {what}: give a text file, one word a line")
+    try:
+        with open(fd, encoding="utf-8-sig") as f:
+            lines = [(i + 1, nfc(w.strip())) for i, w in enumerate(f)]
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
+        refuse(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
     lines = [(i, w) for i, w in lines if w and not w.startswith("#")]
     bad = [i for i, w in lines if not re.fullmatch(r"\w+", w)]
     if bad or not lines:
@@ -1310,13 +1329,6 @@ def progress_bar(steps, n_steps):
     """The steps, with tqdm's bar of them on process 0 (a resumed run's bar starts where it was)."""
     return tqdm(steps, initial=steps.start, total=n_steps + 1, disable=None if RANK == 0 else True)
 
-def tolerate_console():
-    """stdout and stderr that replace what the console cannot encode (π on a Windows console, or
-    a redirect under a non-UTF-8 locale) with "?", rather than stop the run."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="replace")
-
 def print_line(line):
     """A line of the run's log, above tqdm's progress bar, flushed at once; process 0's alone."""
     if RANK == 0:
@@ -1330,7 +1342,9 @@ def stop(message, status):
     sys.exit(status)
 
 def main(argv=None):
-    tolerate_console()
+    for stream in (sys.stdout, sys.stderr):     # π on a console that cannot show it: "?", go on
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
     start_processes()
     writer = RANK == 0
     cfg = None

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import fields, replace
 
 import gguf
@@ -76,6 +77,9 @@ BAD = [
     (["--wordlist", "/no/such/file.txt"], "cannot read --wordlist"),
     (["--wordlist", "EMPTY", "--moments", "0.5"], "found no words"),
     (["--wordlist", "BADLINE"], "line 3 is not one"),
+    (["--wordlist", "/dev/null"], "is not a regular file"),                 # a device
+    (["--wordlist", "FOLDER"], "is not a regular file"),
+    (["--wordlist", "HUGE"], f"holds over {dm.WORDLIST_BYTES} bytes"),
     (["--word", "two words"],
      "argument --word: must be a word (letters and digits), got 'two words'"),
     (["--word", ""], "argument --word: must be a word (letters and digits), got ''"),
@@ -155,11 +159,15 @@ def bad_input_files(tmp_path):
         writer.close()
     whole = (tmp_path / "cut.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(whole[:-10])
+    (tmp_path / "folder").mkdir()
+    with open(tmp_path / "huge.txt", "wb") as f:        # sparse: no disk space taken
+        f.truncate(dm.WORDLIST_BYTES + 1)
     (tmp_path / "on_gpu").mkdir()                       # a run started on a GPU machine
     config = {"dpg_min": dict(model="tiny", steps=4, device="cuda")}
     (tmp_path / "on_gpu" / "config.json").write_text(json.dumps(config))
     stand_in = dict(EMPTY="empty.txt", BADLINE="badline.txt", DAMAGED="damaged", ON_GPU="on_gpu",
-                    FOREIGN="foreign", EDITED="edited", HEADER="header.gguf", CUT="cut.gguf")
+                    FOREIGN="foreign", EDITED="edited", HEADER="header.gguf", CUT="cut.gguf",
+                    FOLDER="folder", HUGE="huge.txt")
 
     def with_paths(args):
         return [str(tmp_path / stand_in[a]) if a in stand_in else a for a in args]
@@ -189,6 +197,27 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, b
     err = check_bad(args + ([] if has_out else ["--out", str(tmp_path / "new")]), message, capsys)
     # a bad word list line is not echoed
     assert snapshot(tmp_path) == before and "secret" not in err
+
+
+def test_a_fifo_as_word_list_is_refused_at_once(tmp_path):
+    """A plain open() of a FIFO waits for a writer forever; the word list is refused at once
+    (issue 28). Read in a thread, so that the old wait fails this test instead of hanging it."""
+    fifo = str(tmp_path / "words")
+    os.mkfifo(fifo)
+    result = []
+
+    def read():
+        try:
+            dm.read_wordlist(fifo)
+        except dm.BadInput as e:
+            result.append(str(e))
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    waiting = reader.is_alive()
+    if waiting:                                     # let the old reader go: a writer opens, closes
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert not waiting and result and "is not a regular file" in result[0]
 
 
 def test_bad_input_with_overwrite_leaves_the_earlier_run_byte_for_byte(tmp_path, capsys,

@@ -274,3 +274,18 @@ def test_fit_lambdas_on_tiny_samples_reaches_the_targets(phi_of_a, task, fresh_a
     assert torch.allclose(weights @ fresh_half[:, soft], targets, atol=fresh_atol)
     hard = [not s for s in soft]
     assert torch.allclose(weights @ fresh_half[:, hard], torch.ones(1, dtype=torch.float64))
+
+
+def test_word_lists_read_utf8_with_a_bom_and_words_compare_in_nfc(tmp_path):
+    """A word list saved with a BOM, "café" saved decomposed (e + combining acute), and texts and
+    --word either way: all compare as the composed word (issue 28)."""
+    path = tmp_path / "words.txt"
+    path.write_bytes(b"\xef\xbb\xbfzebra\ncafe\xcc\x81\n")
+    words = dm.read_wordlist(str(path))
+    assert words == ("zebra", "caf\u00e9")
+    for text in ("un caf\u00e9 noir", "un cafe\u0301 noir"):
+        assert dm.feature("list:w", text, {"w": words}) == 1
+        assert dm.phi_matrix(["list:w"], [text], {"w": words}).tolist() == [[1.0]]
+        assert dm.feature("word:caf\u00e9", text) == 1
+    cfg = dm.parse_config(["--word", "cafe\u0301", "--out", str(tmp_path / "run")])
+    assert cfg.word == "caf\u00e9"
