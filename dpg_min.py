@@ -1103,6 +1103,11 @@ def lock_folder(out):
                f"choose another folder")
     return lock
 
+# The names of the files a run writes into OUT: its own, then π's (save_pretrained's, tokenizers')
+RUN_FILES = (r"config\.json|metrics\.jsonl|checkpoint\.pt|generation_config\.json"
+             r"|model.*\.safetensors(\.index\.json)?|tokenizer.*|special_tokens_map\.json"
+             r"|added_tokens\.json|vocab\..*|merges\.txt|chat_template\..*|.*\.tmp")
+
 def check_folder(cfg):
     """BadInput unless OUT can take a new run: empty, or a run that --overwrite replaces. Checked
     under OUT's lock (lock_folder), so that no other run changes it meanwhile."""
@@ -1114,6 +1119,10 @@ def check_folder(cfg):
         refuse(f"--overwrite: {cfg.out!r} holds no dpg_min run (no config.json), so it is left "
                f"alone; choose another")
     ours = [name for name in os.listdir(cfg.out) if not name.endswith(".tmp")]
+    others = [name for name in ours if not re.fullmatch(RUN_FILES, name)]
+    if cfg.overwrite and others:
+        refuse(f"--overwrite: {cfg.out!r} holds {others[0]!r}, which no run writes, so it is left "
+               f"alone; move that out, or choose another folder")
     if ours and not cfg.overwrite:
         refuse(f"--out {cfg.out!r} already exists and is not an empty directory; choose a new "
                f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
@@ -1238,10 +1247,26 @@ def pi_saved(out):
     weights = [os.path.join(out, n) for n in os.listdir(out) if n.startswith("model.safetensors")]
     return any(os.path.getmtime(path) >= checkpoint for path in weights)
 
-def discard(out, existed):
-    """A new run that stops before its first checkpoint leaves no folder behind."""
-    if not existed and not os.path.exists(os.path.join(out, "checkpoint.pt")):
-        shutil.rmtree(out)
+def missing_folders(out):
+    """OUT and the folders above it that do not exist yet, deepest first: what making OUT makes."""
+    missing = []
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+def discard(out, made):
+    """A new run that stops before its first checkpoint leaves no folder behind: OUT, then each
+    folder above it that it `made` (missing_folders), while empty (another run may use it)."""
+    if not made or os.path.exists(os.path.join(out, "checkpoint.pt")):
+        return
+    shutil.rmtree(out)
+    for path in made[1:]:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 def resume_hint(out):
     """How to go on with the stopped run in OUT, if it has a checkpoint."""
@@ -1356,7 +1381,7 @@ def main(argv=None):
                 cfg = parse_config(sys.argv[1:] if argv is None else argv)
                 task = load_task(cfg)                               # read once, here
                 check_flags(cfg, task)
-                existed = os.path.isdir(cfg.out)
+                made = missing_folders(cfg.out)
                 lock = lock_folder(cfg.out)                         # held until we exit
                 check_folder(cfg)
                 ckpt = resumed_checkpoint(cfg, task) if cfg.resume else None
@@ -1398,7 +1423,7 @@ def main(argv=None):
         stop(f"stopped: the disk is full ({e}){resume_hint(cfg.out)}", 1)
     finally:
         if lock is not None:                # a resumed run's folder existed: discard keeps it
-            discard(cfg.out, existed)
+            discard(cfg.out, made)
             os.close(lock)
 
 if __name__ == "__main__":

@@ -185,13 +185,20 @@ def test_a_nan_stop_is_one_line_exit_1_naming_the_checkpoint_and_resume_goes_on(
 def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(small_config, run_tiny,
                                                                      read_metrics, files_of,
                                                                      tmp_path, capsys):
+    """--overwrite replaces a run's own files, and refuses a folder that holds anything else: a
+    user's notes.txt in it stops the overwrite, which deleted it before (issue 28)."""
     cfg = small_config(task="politics")
     run_tiny(cfg)
-    (tmp_path / "run" / "stale.txt").write_text("from the old run\n")
-    dm.main(["--model", "tiny", "--task", "politics", "--steps", "1", "--batch-size", "16",
-             "--eval-samples", "16", "--seq-len", "8", "--out", cfg.out, "--overwrite"])
+    again = ["--model", "tiny", "--task", "politics", "--steps", "1", "--batch-size", "16",
+             "--eval-samples", "16", "--seq-len", "8", "--out", cfg.out, "--overwrite"]
+    (tmp_path / "run" / "notes.txt").write_text("mine, not the run's\n")
+    before = files_of(tmp_path / "run")
+    code, err = main_exit(again, capsys)
+    assert code == 2 and "holds 'notes.txt', which no run writes, so it is left alone" in err
+    assert files_of(tmp_path / "run") == before
+    (tmp_path / "run" / "notes.txt").unlink()
+    dm.main(again)
     assert [r["step"] for r in read_metrics(cfg.out)] == [0, 1]
-    assert not (tmp_path / "run" / "stale.txt").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious\n")
     code, err = main_exit(["--model", "tiny", "--out", str(tmp_path / "mine"), "--overwrite"],
@@ -210,3 +217,15 @@ def test_each_run_without_out_gets_a_new_folder(tmp_path, monkeypatch):
     assert second.out != first.out
     assert dm.parse_config(["--model", "tiny", "--word", "zebra", "--baseline"]).out.startswith(
         os.path.join("runs", "custom-gdc++-tiny-"))
+
+
+def test_bad_input_leaves_no_folder_behind_not_even_a_parent(tmp_path, monkeypatch, capsys):
+    """A new run refused once OUT is made and locked (here: no such model) removes OUT and the
+    folders it made above it, runs/ too; a folder that was there stays (issue 28)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    for out in (["--out", str(tmp_path / "a" / "b" / "c" / "run")],
+                ["--out", str(tmp_path / "kept" / "d" / "run")], []):
+        code, err = main_exit(["--model", "/no/such/model", *out], capsys)
+        assert code == 2 and "cannot load --model '/no/such/model'" in err
+    assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(tmp_path / "kept") == []
