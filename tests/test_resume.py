@@ -2,10 +2,9 @@
 crash, determinism, --resume with new --lr/--steps, damaged and finished runs, --overwrite and
 fresh output folders."""
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,8 +12,6 @@ import pytest
 import torch
 
 import dpg_min as dm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Metrics every step, checkpoints at steps 0, 5 and 10: a kill after step 6 is logged must replay
 # steps 6-10.
@@ -25,6 +22,11 @@ KILLED = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "10"
 # In-process crashes: metrics every step, checkpoints at 0, 3 and 6; the crash comes as step 5 is
 # printed, after step 4's line was written: --resume must drop it and replay steps 4 and 5.
 CRASHED = dict(steps=6, save_interval=3, q_update_interval=2)
+
+
+# The killed run's process is a forkserver child: ~0.5 s to start where a new interpreter takes ~5 s
+# (test_run_folder.py preloads the server with dpg_min; without it, the child imports it).
+CHILDREN = multiprocessing.get_context("forkserver")
 
 
 def checkpoint_step(out):
@@ -41,17 +43,17 @@ def main_exit(args, capsys):
 def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrupted_log(
         tmp_path, run_tiny, read_metrics, without_seconds):
     killed = str(tmp_path / "killed")
-    victim = subprocess.Popen([sys.executable, "dpg_min.py", *KILLED, "--out", killed], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = CHILDREN.Process(target=dm.main, args=(KILLED + ["--out", killed],))
+    victim.start()
     metrics = os.path.join(killed, "metrics.jsonl")
     done = threading.Event()
 
     def kill_after_step_6():                # polls while the reference trains in this process
         deadline = time.time() + 120
-        while victim.poll() is None and time.time() < deadline:
+        while victim.is_alive() and time.time() < deadline:
             # steps 0-6 logged
             if os.path.exists(metrics) and open(metrics).read().count("\n") >= 7:
-                victim.send_signal(signal.SIGKILL)
+                victim.kill()
                 break
             time.sleep(0.005)
         done.set()
@@ -59,7 +61,8 @@ def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrup
     whole = dm.parse_config(KILLED + ["--out", str(tmp_path / "whole")])
     run_tiny(whole)
     done.wait(130)
-    assert victim.wait() == -signal.SIGKILL, victim.stderr.read()
+    victim.join()
+    assert victim.exitcode == -signal.SIGKILL
     assert checkpoint_step(killed) == 5, "killed too late: the run had saved past step 5"
     assert len(read_metrics(killed)) >= 7 and not os.path.exists(killed + "/checkpoint.pt.tmp")
     dm.main(["--resume", killed])
