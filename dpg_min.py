@@ -838,6 +838,12 @@ def check_flags(cfg, task):
     if cfg.method == "ziegler" and cfg.batch_size % cfg.ppo_minibatch:
         refuse(f"--batch-size {cfg.batch_size} is not divisible by --ppo-minibatch "
                f"{cfg.ppo_minibatch}: PPO whitens advantages per minibatch, all of one size")
+    if cfg.method == "ziegler" and cfg.kl_horizon <= 0.2 * cfg.batch_size:
+        refuse(f"--kl-horizon {cfg.kl_horizon} must exceed 0.2·B = {0.2 * cfg.batch_size:g}: "
+               f"β ← β·(1 + clip(KL/target − 1, ±0.2)·B/horizon) turns negative below")
+    if cfg.method == "ziegler" and cfg.ppo_minibatch * cfg.seq_len < 2:
+        refuse(f"--ppo-minibatch 1 with --seq-len 1: PPO divides a minibatch's advantages by "
+               f"their standard deviation, which needs 2 of them")
     if cfg.method != "dpg" and not set(task.mu_bar) <= {0, 1}:
         refuse(f"--method {cfg.method} needs a pointwise task (every moment 0 or 1): no reward "
                f"expresses μ̄ = {task.mu_bar} (paper §4); use --method dpg")

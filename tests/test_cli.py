@@ -90,6 +90,11 @@ BAD = [
     (["--batch-size", "-5"], "argument --batch-size: must be a positive integer"),
     (["--batch-size", "many"], "invalid int value: 'many'"),
     (["--method", "ziegler", "--batch-size", "100"], "not divisible by --ppo-minibatch 32"),
+    # Ziegler's β would turn negative (β ← β·(1 − 0.2·B/horizon) at worst), whitening divide by 0
+    (["--method", "ziegler", "--batch-size", "64", "--kl-horizon", "12"],
+     "--kl-horizon 12 must exceed 0.2·B = 12.8"),
+    (["--method", "ziegler", "--ppo-minibatch", "1", "--seq-len", "1", "--batch-size", "16"],
+     "which needs 2 of them"),
     (["--forward-batch-size", "0"], "argument --forward-batch-size: must be a positive integer"),
     (["--samples", "0"], "argument --samples: must be a positive integer"),
     (["--samples", "-1"], "argument --samples: must be a positive integer"),
