@@ -746,7 +746,7 @@ def saved_flags(out):
     there is no run."""
     path = os.path.join(out, "config.json")
     try:
-        with open(path) as f:
+        with open_input(path, "a run's config") as f:
             saved = dict(json.load(f)["dpg_min"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -898,13 +898,28 @@ def hub_reachable():
         return False
     return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
 
+INPUT_BYTES = 2**26           # the most a word list or a run's config.json may hold: 64 MiB
+
+def open_input(path, what, most=INPUT_BYTES):
+    """A file the run reads, open in binary; OSError if it cannot be opened, BadInput unless it is a
+    regular file of at most `most` bytes: a plain open() of a FIFO waits for a writer forever (hence
+    O_NONBLOCK), a device may never end. `what` names the file in the one line."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode) and info.st_size <= most:
+        return open(fd, "rb")
+    os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        refuse(f"{path!r} ({what}) is not a regular file (a FIFO, a device, a folder): give one")
+    refuse(f"{path!r} ({what}) holds over {most} bytes: give a smaller file")
+
 def check_gguf(path, flag):
     """BadInput unless the .gguf file's header counts tensors: on a header alone, transformers would
     build a default-sized model (7B parameters for llama) and run out of memory. We read the first
     24 bytes (magic, version, tensor count); transformers' reader checks the rest (gguf's whole
     GGUFReader took 4 s on SmolLM2)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path, flag, math.inf) as f:
             header = f.read(24)
     except OSError as e:
         raise BadInput(f"cannot read {flag} {path!r} ({e}); download it again") from None
@@ -967,24 +982,11 @@ def load_classifier(name, device):
     return transformers.pipeline("text-classification", model=model.eval(), tokenizer=tokenizer,
                                  device=device)
 
-WORDLIST_BYTES = 2**26         # --wordlist's bound: 64 MiB, millions of words
-
 def read_wordlist(path):
-    """The lowercased words of a file, one a line (# comments skipped), UTF-8 with or without a
-    BOM, in NFC; BadInput names bad lines. Only a regular file of at most WORDLIST_BYTES is read:
-    a FIFO blocks a plain open() forever, a device may never end."""
+    """The lowercased words of a file (open_input's), one a line (# comments skipped), UTF-8 with
+    or without a BOM, in NFC; BadInput names bad lines."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)         # a FIFO: no wait for a writer
-    except OSError as e:
-        refuse(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")
-    info = os.fstat(fd)
-    too_long = info.st_size > WORDLIST_BYTES
-    if too_long or not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        what = f"holds over {WORDLIST_BYTES} bytes" if too_long else "is not a regular file"
-        refuse(f"--wordlist {path!r} {what}: give a text file, one word a line")
-    try:
-        with open(fd, encoding="utf-8-sig") as f:
+        with io.TextIOWrapper(open_input(path, "--wordlist"), encoding="utf-8-sig") as f:
             lines = [(i + 1, nfc(w.strip())) for i, w in enumerate(f)]
     except (OSError, UnicodeDecodeError) as e:
         refuse(f"cannot read --wordlist {path!r} ({type(e).__name__}): give a text file")

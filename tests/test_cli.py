@@ -79,7 +79,7 @@ BAD = [
     (["--wordlist", "BADLINE"], "line 3 is not one"),
     (["--wordlist", "/dev/null"], "is not a regular file"),                 # a device
     (["--wordlist", "FOLDER"], "is not a regular file"),
-    (["--wordlist", "HUGE"], f"holds over {dm.WORDLIST_BYTES} bytes"),
+    (["--wordlist", "HUGE"], f"holds over {dm.INPUT_BYTES} bytes"),
     (["--word", "two words"],
      "argument --word: must be a word (letters and digits), got 'two words'"),
     (["--word", ""], "argument --word: must be a word (letters and digits), got ''"),
@@ -166,7 +166,7 @@ def bad_input_files(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(whole[:-10])
     (tmp_path / "folder").mkdir()
     with open(tmp_path / "huge.txt", "wb") as f:        # sparse: no disk space taken
-        f.truncate(dm.WORDLIST_BYTES + 1)
+        f.truncate(dm.INPUT_BYTES + 1)
     (tmp_path / "on_gpu").mkdir()                       # a run started on a GPU machine
     config = {"dpg_min": dict(model="tiny", steps=4, device="cuda")}
     (tmp_path / "on_gpu" / "config.json").write_text(json.dumps(config))
@@ -204,25 +204,32 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, b
     assert snapshot(tmp_path) == before and "secret" not in err
 
 
-def test_a_fifo_as_word_list_is_refused_at_once(tmp_path):
-    """A plain open() of a FIFO waits for a writer forever; the word list is refused at once
-    (issue 28). Read in a thread, so that the old wait fails this test instead of hanging it."""
-    fifo = str(tmp_path / "words")
+@pytest.mark.parametrize("args", [["--wordlist", "FIFO"], ["--model", "FIFO.gguf"],
+                                  ["--resume", "RUN"]])
+def test_a_fifo_is_refused_at_once_wherever_the_run_reads_a_file(tmp_path, capsys, args):
+    """A plain open() of a FIFO waits for a writer forever: a word list, a GGUF file or a run's
+    config.json that is one is refused at once, in one line (issue 28). The run goes in a thread,
+    so that the old wait fails this test instead of hanging it."""
+    (tmp_path / "RUN").mkdir()
+    fifo = str(tmp_path / ("RUN/config.json" if args[1] == "RUN" else args[1]))
     os.mkfifo(fifo)
-    result = []
+    out = [] if args[0] == "--resume" else ["--out", str(tmp_path / "new")]
+    codes = []
 
-    def read():
+    def run():
         try:
-            dm.read_wordlist(fifo)
-        except dm.BadInput as e:
-            result.append(str(e))
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(30)
-    waiting = reader.is_alive()
+            dm.main([args[0], str(tmp_path / args[1]), *out])
+        except SystemExit as e:
+            codes.append(e.code)
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(30)
+    waiting = runner.is_alive()
     if waiting:                                     # let the old reader go: a writer opens, closes
         os.close(os.open(fifo, os.O_WRONLY))
-    assert not waiting and result and "is not a regular file" in result[0]
+    err = capsys.readouterr().err
+    assert not waiting and codes == [2] and "is not a regular file" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
 
 
 def test_bad_input_with_overwrite_leaves_the_earlier_run_byte_for_byte(tmp_path, capsys,
