@@ -1,6 +1,7 @@
 """Shared test setup: no model hub, one CPU thread, deterministic Hypothesis; the tiny LM,
 helpers, and the tiny runs that several test modules read (trained once per session)."""
 import json
+import multiprocessing
 import os
 import shutil
 
@@ -118,6 +119,18 @@ def method_runs(run_tiny, tmp_path_factory):
         pi, m, lines = run_tiny(cfg)
         runs[name] = dict(cfg=cfg, out=cfg.out, pi=pi, m=m, lines=lines)
     return runs
+
+
+@pytest.fixture(scope="session")
+def children():
+    """multiprocessing's forkserver context, for a run in a real process of its own (to kill for
+    real): forked from a server that imported dpg_min and the tiny model's modules once, a child
+    starts in ~0.5 s where a new interpreter spends ~5 s importing them (measured here). A target
+    must be importable: dpg_min's, or a test module's (the child imports that module)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dpg_min", "tokenizers",
+                                    "transformers.models.gpt2.modeling_gpt2"])
+    return context
 
 
 @pytest.fixture

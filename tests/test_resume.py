@@ -2,7 +2,6 @@
 crash, determinism, --resume with new --lr/--steps, damaged and finished runs, --overwrite and
 fresh output folders."""
 import json
-import multiprocessing
 import os
 import signal
 import threading
@@ -24,11 +23,6 @@ KILLED = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "10"
 CRASHED = dict(steps=6, save_interval=3, q_update_interval=2)
 
 
-# The killed run's process is a forkserver child: ~0.5 s to start where a new interpreter takes ~5 s
-# (test_run_folder.py preloads the server with dpg_min; without it, the child imports it).
-CHILDREN = multiprocessing.get_context("forkserver")
-
-
 def checkpoint_step(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["s"]["step"]
 
@@ -41,9 +35,9 @@ def main_exit(args, capsys):
 
 
 def test_a_run_killed_with_sigkill_between_checkpoints_resumes_to_the_uninterrupted_log(
-        tmp_path, run_tiny, read_metrics, without_seconds):
+        tmp_path, run_tiny, read_metrics, without_seconds, children):
     killed = str(tmp_path / "killed")
-    victim = CHILDREN.Process(target=dm.main, args=(KILLED + ["--out", killed],))
+    victim = children.Process(target=dm.main, args=(KILLED + ["--out", killed],))
     victim.start()
     metrics = os.path.join(killed, "metrics.jsonl")
     done = threading.Event()

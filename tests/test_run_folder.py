@@ -3,7 +3,6 @@ the final write resume to the uninterrupted run; one run per folder; --resume ch
 continues; a full disk, Ctrl-C and a π broken by its last update stop with one line."""
 import errno
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -21,12 +20,7 @@ RUN = ["--model", "tiny", "--task", "politics", "--baseline", "--steps", "4", "-
        "--forward-batch-size", "16", "--eval-samples", "16", "--seq-len", "8",
        "--diversity-samples", "16"]
 
-# A run killed for real, in a process of its own: forked from a server that imported dpg_min and
-# the tiny model's modules once (multiprocessing's forkserver), it starts in ~0.5 s, where a new
-# interpreter spends ~5 s importing them (measured here).
-CHILDREN = multiprocessing.get_context("forkserver")
-CHILDREN.set_forkserver_preload([__name__, "dpg_min", "tokenizers",
-                                 "transformers.models.gpt2.modeling_gpt2"])
+# The processes below are real ones, killed for real: `children` (conftest.py) forks them.
 
 
 def main_killed_at(name, n, flags):
@@ -59,11 +53,15 @@ def hold_lock(out, holding):
     time.sleep(60)
 
 
-def run_killed(name, n, flags):
-    child = CHILDREN.Process(target=main_killed_at, args=(name, n, flags))
-    child.start()
-    child.join()
-    assert child.exitcode == -signal.SIGKILL
+@pytest.fixture
+def run_killed(children):
+    """run_killed(NAME, N, FLAGS): main_killed_at in a child, which must die of its SIGKILL."""
+    def run(name, n, flags):
+        child = children.Process(target=main_killed_at, args=(name, n, flags))
+        child.start()
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+    return run
 
 
 def main_exit(args, capsys):
@@ -87,6 +85,7 @@ def whole(tmp_path_factory):
     ("model.safetensors", 1),       # during the final save, once the run had finished
 ])
 def test_a_kill_at_any_write_then_resume_gives_the_uninterrupted_run(tmp_path, whole, read_metrics,
+                                                                     run_killed,
                                                                      without_seconds, name, n):
     out = str(tmp_path / "run")
     run_killed(name, n, RUN + ["--out", out])
@@ -100,7 +99,7 @@ def test_a_kill_at_any_write_then_resume_gives_the_uninterrupted_run(tmp_path, w
 
 
 def test_a_kill_before_the_first_write_lands_leaves_no_run_and_the_command_starts_again(
-        tmp_path, whole, read_metrics, without_seconds, capsys):
+        tmp_path, whole, read_metrics, without_seconds, capsys, run_killed):
     out = str(tmp_path / "run")
     run_killed("config.json", 1, RUN + ["--out", out])
     assert os.listdir(out) == ["config.json.tmp"]
@@ -112,7 +111,8 @@ def test_a_kill_before_the_first_write_lands_leaves_no_run_and_the_command_start
 
 def test_a_kill_as_resume_rewrites_config_json_leaves_the_old_one_whole(tmp_path, whole,
                                                                         read_metrics,
-                                                                        without_seconds):
+                                                                        without_seconds,
+                                                                        run_killed):
     """A run of 2 steps, resumed to 4: killed as the resume replaces config.json, then resumed
     again, it ends as the 4-step run (steps 0-2 are the same in both)."""
     out = str(tmp_path / "run")
@@ -124,7 +124,8 @@ def test_a_kill_as_resume_rewrites_config_json_leaves_the_old_one_whole(tmp_path
 
 
 def test_a_kill_in_the_final_save_of_a_resumed_run_is_not_taken_for_its_earlier_pi(tmp_path,
-                                                                                    whole):
+                                                                                    whole,
+                                                                                    run_killed):
     """The π of step 2 is on disk when the resume to step 4 is killed as it moves in its own π:
     --resume must write the π of step 4, not call the run finished."""
     out = str(tmp_path / "run")
@@ -137,10 +138,10 @@ def test_a_kill_in_the_final_save_of_a_resumed_run_is_not_taken_for_its_earlier_
 
 
 def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_blocks(
-        finished, capsys, files_of):
+        finished, capsys, files_of, children):
     out = str(finished)
-    holding = CHILDREN.Event()
-    holder = CHILDREN.Process(target=hold_lock, args=(out, holding))
+    holding = children.Event()
+    holder = children.Process(target=hold_lock, args=(out, holding))
     holder.start()
     assert holding.wait(60)                                         # it holds the lock
     before = files_of(out)
@@ -156,10 +157,11 @@ def test_a_folder_that_a_live_run_holds_is_refused_and_a_killed_runs_lock_never_
 
 
 def test_two_runs_started_into_one_new_folder_give_one_run_and_one_refusal(tmp_path,
-                                                                           read_metrics):
+                                                                           read_metrics,
+                                                                           children):
     out = str(tmp_path / "run")
     errs = [str(tmp_path / f"err{i}") for i in range(2)]
-    runs = [CHILDREN.Process(target=main_logged, args=(RUN + ["--out", out], err)) for err in errs]
+    runs = [children.Process(target=main_logged, args=(RUN + ["--out", out], err)) for err in errs]
     for child in runs:
         child.start()
     for child in runs:
