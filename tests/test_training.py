@@ -290,10 +290,9 @@ def test_an_overflowing_weight_stops_the_run_before_anything_is_kept(small_confi
     assert os.path.getsize(os.path.join(cfg.out, "metrics.jsonl")) == 0
 
 
-def test_a_lambda_fit_short_of_its_targets_is_reported_and_training_goes_on(small_config, run_tiny,
-                                                                            monkeypatch):
-    """When λ's fit ends with ‖μ̄ − μ̂‖ ≥ --lambda-tol, the run says so in one line and trains
-    on."""
+def test_a_lambda_fit_short_of_its_targets_is_bad_input_before_anything_is_written(
+        small_config, run_tiny, monkeypatch):
+    """When λ's fit ends with ‖μ̄ − μ̂‖ ≥ --lambda-tol, p is not the EBM asked for: BadInput."""
     fit = dm.fit_lambdas
 
     def short_fit(*args):
@@ -301,10 +300,10 @@ def test_a_lambda_fit_short_of_its_targets_is_reported_and_training_goes_on(smal
         return lam, mu - 0.3
 
     monkeypatch.setattr(dm, "fit_lambdas", short_fit)
-    _, _, lines = run_tiny(small_config(task="female", steps=1))
-    warning = "warning: λ did not reach the targets within --lambda-tol 0.01; training goes on"
-    assert warning in lines
-    assert lines[-1].startswith("saved π to")
+    cfg = small_config(task="female", steps=1)
+    with pytest.raises(dm.BadInput, match="λ did not bring E_p φ within --lambda-tol 0.01 of μ̄"):
+        run_tiny(cfg)
+    assert not os.path.exists(cfg.out)
 
 
 def test_a_feature_that_never_fires_is_bad_input_before_anything_is_written(small_config, run_tiny):
