@@ -451,7 +451,8 @@ def check_finite(step, quantities):
         x = torch.as_tensor(x)
         if not torch.isfinite(x).all():
             what = "NaN" if x.isnan().any() else "infinite"
-            raise NotFinite(f"step {step}: {name} is {what}, so π was not updated; lower --lr")
+            raise NotFinite(f"step {step}: {name} is {what}, so π was not updated; lower --lr "
+                            f"(Ziegler: or --kl-beta)")
 
 # A run's networks and what trains them: a (frozen), the proposal q, π_θ, PPO's value head (or
 # None), Adam and its schedule. A checkpoint holds all but a.
@@ -545,9 +546,7 @@ def train(cfg, task, a, tokenizer, ckpt=None, log=print):
     bos = bos_of(tokenizer)
     sentiment = any(x.startswith(SENTIMENT) for x in task.features)
     classify = load_classifier(cfg.classifier, device) if sentiment else None
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    transformers.set_seed(cfg.seed)                                 # random, numpy and torch
     models = make_models(a, cfg, device)                            # line 1: π ← a, q ← a
     a, q, pi, v_head, opt, sched = models
     proposal = q if cfg.method == "dpg" else pi                 # Reinforce and Ziegler: π itself

@@ -639,7 +639,7 @@ def kl_forms(*runs, steps=(5, 20, 100, 300), n=256, reps=200, K=5, seed=0):
     return "\n".join(lines)
 
 # %%
-def main():
+def main(argv=None):
     description = "Check the paper's identities exactly on small spaces."
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, default=2,
@@ -649,7 +649,7 @@ def main():
                         "D_KL(p‖π) estimators")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw the trajectory too (implies --trajectory)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # tensors of a few hundred entries: more threads only contend (6x slower when busy)
     torch.set_num_threads(1)
     if args.trajectory or args.plot:

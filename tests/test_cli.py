@@ -298,16 +298,6 @@ def test_an_existing_non_empty_out_is_refused(tmp_path, capsys):
 # -- the program ---------------------------------------------------------------------------------
 
 
-def test_the_program_prints_one_line_and_no_traceback_on_bad_input():
-    result = subprocess.run([sys.executable, "dpg_min.py", "--task", "nope", "--model", "tiny"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "dpg_min.py: error: argument --task: invalid choice: 'nope' (choose from 'amazing', "
-        "'wikileaks', 'politics', 'science', 'positive', 'negative', 'female', 'topics', "
-        "'hybrid-sports', 'hybrid-politics')"]
-
-
 def test_a_console_that_cannot_encode_pi_gets_question_marks_and_the_run_goes_on(tmp_path):
     """Under a legacy code page (cp1252 has no π, no μ, no ‖), the lines print with "?" in their
     place and the run ends as usual, where it stopped with a UnicodeEncodeError (issue 28)."""

@@ -159,15 +159,12 @@ def test_z_window_is_reported_not_assumed():
         assert hit == (0 < ratio < 2)
 
 
-def test_toy_exact_script_prints_every_identity_passing():
-    """`python toy_exact.py` runs end to end, prints one row per identity, and every row
+def test_toy_exact_script_prints_every_identity_passing(capsys):
+    """`python toy_exact.py` (its main, in-process) prints one row per identity, and every row
     passes."""
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "toy_exact.py"], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line for line in out.stdout.splitlines()
+    assert tx.main([]) == 0
+    stdout = capsys.readouterr().out
+    rows = [line for line in stdout.splitlines()
             if line.rstrip().endswith("s") and " pass " in line]
     assert len(rows) == len(tx.CHECKS)
-    assert f"{len(tx.CHECKS)}/{len(tx.CHECKS)} identities hold" in out.stdout
+    assert f"{len(tx.CHECKS)}/{len(tx.CHECKS)} identities hold" in stdout

@@ -207,17 +207,16 @@ def test_the_exact_trajectory_keeps_the_paper_identities_at_every_step(tmp_path)
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
-def test_toy_exact_trajectory_command_prints_the_summary_and_draws_it(tmp_path):
-    """`python toy_exact.py --plot F` (which implies --trajectory): the summary, the figure, the
-    KL and TVD forms' table. The suite's slowest single test (~13 s: 300 exact steps, 2×2×200
-    Monte-Carlo q-checks)."""
-    result = subprocess.run([sys.executable, "toy_exact.py", "--plot", str(tmp_path / "t.png")],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "Var(G) is lower with the baseline Z·π/q than without at" in result.stdout
-    assert f"wrote {tmp_path / 't.png'}" in result.stdout
-    assert "D_KL, over the 16 settings (gdc's / p-inside / q_check): RMS" in result.stdout
-    assert "TVD, over the 16 settings (Ẑ / q_check): RMS" in result.stdout
+def test_toy_exact_trajectory_command_prints_the_summary_and_draws_it(tmp_path, capsys):
+    """`python toy_exact.py --plot F` (which implies --trajectory), its main in-process: the
+    summary, the figure, the KL and TVD forms' table (~9 s: 300 exact steps, 2×2×200 Monte-Carlo
+    q-checks)."""
+    assert toy_exact.main(["--plot", str(tmp_path / "t.png")]) == 0
+    stdout = capsys.readouterr().out
+    assert "Var(G) is lower with the baseline Z·π/q than without at" in stdout
+    assert f"wrote {tmp_path / 't.png'}" in stdout
+    assert "D_KL, over the 16 settings (gdc's / p-inside / q_check): RMS" in stdout
+    assert "TVD, over the 16 settings (Ẑ / q_check): RMS" in stdout
     assert (tmp_path / "t.png").read_bytes()[:8] == PNG
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
