@@ -528,7 +528,7 @@ def fit_lambda(target, cfg, log):
     try:
         lam, mu_hat = fit_lambdas(phi[:, soft], log_w, mu_soft, cfg.lambda_tol)
     except ValueError as e:
-        refuse(f"fitting λ on {cfg.lambda_samples} samples of a: {e}")
+        refuse(f"fitting λ on {cfg.lambda_samples} samples of a (--lambda-samples): {e}")
     log(f"λ = {fmt(lam.tolist())} gives E_p φ ≈ {fmt(mu_hat.tolist())}, for μ̄ = {fmt(mu_soft)}")
     gap = torch.linalg.vector_norm(mu_hat - torch.tensor(mu_soft, device=lam.device).double())
     if gap >= cfg.lambda_tol:               # p would not be the EBM asked for: no training on it
@@ -772,7 +772,7 @@ def saved_flags(out):
     try:
         given = make_parser().parse_args(argv)
     except BadInput as e:
-        refuse(f"{path} was edited: {e}")
+        refuse(f"{path} was edited: {e}; put it back, or start again with --overwrite")
     return {k: v for k, v in vars(given).items() if v is not None}
 
 def make_parser():
@@ -1409,7 +1409,8 @@ def main(argv=None):
         a, tokenizer = load_lm(cfg.model, task_words(task))
         positions = getattr(a.config, "max_position_embeddings", math.inf)
         if cfg.seq_len + 1 > positions:
-            refuse(f"--seq-len {cfg.seq_len} is too long for {cfg.model} ({positions} positions)")
+            refuse(f"--seq-len {cfg.seq_len} is too long for {cfg.model} ({positions} positions): "
+                   f"give at most {positions - 1}")
         try:
             train(cfg, task, a, tokenizer, ckpt, log=print_line)
         except RuntimeError as e:

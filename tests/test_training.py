@@ -310,7 +310,8 @@ def test_a_feature_that_never_fires_is_bad_input_before_anything_is_written(smal
     """λ cannot reach μ̄ = 0.5 for a word the model never produces: BadInput, and no output
     folder."""
     cfg = small_config(word="absent", moments="0.5")
-    with pytest.raises(dm.BadInput, match="fitting λ on 1024 samples of a: feature 0 never fires"):
+    with pytest.raises(dm.BadInput, match=r"fitting λ on 1024 samples of a \(--lambda-samples\): "
+                                          r"feature 0 never fires"):
         run_tiny(cfg)
     assert not os.path.exists(cfg.out)
 
