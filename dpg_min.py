@@ -741,8 +741,8 @@ class Stopped(Exception):
 
 @contextlib.contextmanager
 def stopping(why):
-    """An error of the system inside as Stopped: `why` (the error's first sentence). torch.save
-    says "unexpected pos" of a full disk, the OSError in __context__; gloo "Connection reset"."""
+    """A failed write or a process gone, inside, as Stopped: `why` (the error's first sentence).
+    torch.save says "unexpected pos" of a full disk (the OSError: __context__), gloo "reset"."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as e:
