@@ -1367,9 +1367,9 @@ def progress_bar(steps, n_steps):
     return tqdm(steps, initial=steps.start, total=n_steps + 1, disable=None if RANK == 0 else True)
 
 def print_line(line):
-    """A line of the run's log, above tqdm's progress bar, flushed at once; process 0's alone."""
+    """A line of the run's log, above tqdm's progress bar, in one write, flushed; process 0's."""
     if RANK == 0:
-        tqdm.write(line)
+        tqdm.write(line + "\n", end="")     # unbuffered (PYTHONUNBUFFERED), "\n" would come apart
         sys.stdout.flush()
 
 # --- main: check the input (process 0, under OUT's lock), load a, train, stop in one line

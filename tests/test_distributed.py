@@ -30,7 +30,8 @@ dm.RANK, dm.WORLD_SIZE = 0, 1                               # as if alone
 torch.manual_seed(0)
 one = dm.sample(a, 32, 6, 0, chunk=32)
 dm.RANK, dm.WORLD_SIZE = r, 2
-print(f"rank {r} samples equal {all(torch.equal(x, y) for x, y in zip(two, one))}", flush=True)
+equal = all(torch.equal(x, y) for x, y in zip(two, one))
+print(f"rank {r} samples equal {equal}\\n", end="", flush=True)   # one write: stdout is shared
 if len(sys.argv) > 2:
     kill_rank, kill_at = map(int, sys.argv[2].split())
     score = dm.score
@@ -47,7 +48,7 @@ for args in json.loads(sys.argv[1]):
         code = 0
     except SystemExit as e:
         code = e.code
-    print(f"rank {r} exit {code}", flush=True)
+    print(f"rank {r} exit {code}\\n", end="", flush=True)
 """
 
 RUN = ["--model", "tiny", "--task", "politics", "--steps", "4", "--eval-interval", "1",
