@@ -229,6 +229,22 @@ def load_script(name):
     return module
 
 
+def test_gpu_bench_times_a_slice_of_train_on_cpu_at_small_sizes(capsys):
+    """figures/gpu_bench.py (issue 29's benchmark) on the tiny model, so that it cannot rot: the
+    matmul rate, samples/s, ms per token against its bound, peak memory, the paper's run
+    extrapolated by cost.py, and the slice's last row of metrics."""
+    last = load_script("gpu_bench").bench([
+        "--model", "tiny", "--device", "cpu", "--batch-size", "8", "--seq-len", "4", "--steps", "2",
+        "--q-update-interval", "1", "--eval-interval", "1", "--eval-samples", "8",
+        "--diversity-samples", "8", "--forward-batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert re.search(r"tiny: N = 0\.\dM parameters on cpu, R = [\d.e+-]+ TFLOP/s", printed)
+    assert re.search(r"2 steps in [\d.]+ s, [\d.e+]+ training samples/s; peak memory", printed)
+    assert re.search(r"ms per token step of f = 4 rows, [\d.e+]+× its bound 2·N·f/R", printed)
+    assert "the paper's budget at these costs" in printed
+    assert last["step"] == 2
+
+
 def test_base_rates_prints_every_feature_and_a_sample_that_meets_it(capsys):
     load_script("base_rates").main(["--model", "tiny", "--seq-len", "10", "--samples", "64",
                                     "--seed", "1"])
