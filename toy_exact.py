@@ -484,10 +484,10 @@ SPACES = [dict(V=2, T=3, end=False, scale=1.0, zero_frac=0.3, beta=0.7),
 # KL-adaptive q, and each step records exactly Var(G_b) for b = 0 (GDC), Z (GDC++) and b*, Var(A),
 # E_q|A| and TVD(p, π).
 # %%
-def trajectory(steps=300, lr=0.5, K=5, V=3, T=3, seed=0, mu=None):
-    """Exact quantities along exact-gradient DPG from π = a, one dict per step.
-    φ(x) = [x contains 0] (like "amazing"), a tilted against 0; P = a·φ (pointwise, μ̄ = 1, so Z is
-    small) or, given mu, P = a·e^{λφ} with E_p φ = mu (distributional, λ by fit_lambdas on X)."""
+def toy_target(V=3, T=3, seed=0, mu=None):
+    """(X, logp, θ_a, log a, φ, log P): X with an end symbol, the table policy, a tilted against 0,
+    φ(x) = [x contains 0] (like "amazing"); P = a·φ (pointwise, μ̄ = 1, so Z is small) or, given mu,
+    P = a·e^{λφ} with E_p φ = mu (distributional, λ by fit_lambdas on X)."""
     X = make_space(V, T, end=True)
     logp, n_theta = table_policy(X)
     theta_a = torch.randn(X.n_prefix, X.C, generator=torch.Generator().manual_seed(seed), dtype=DT)
@@ -500,7 +500,11 @@ def trajectory(steps=300, lr=0.5, K=5, V=3, T=3, seed=0, mu=None):
     else:
         mu_bar = mu
         lam = fit_lambdas(phi, logp_a, [mu], 1e-14, 200)[0]
-    log_P = log_P_of(logp_a, phi, [mu_bar], lam)
+    return X, logp, theta_a, logp_a, phi, log_P_of(logp_a, phi, [mu_bar], lam)
+
+def trajectory(steps=300, lr=0.5, K=5, V=3, T=3, seed=0, mu=None):
+    """Exact quantities along exact-gradient DPG from π = a on toy_target's p, one dict per step."""
+    X, logp, theta_a, logp_a, _, log_P = toy_target(V, T, seed, mu)
     Z = torch.exp(torch.logsumexp(log_P, 0))
     inst = SimpleNamespace(X=X, logp=logp, log_P=log_P, Z=Z)
     log_p_ = log_P - torch.log(Z)

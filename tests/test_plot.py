@@ -2,12 +2,14 @@
 toy_exact.py."""
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import dpg_min as dm
 import toy_exact
@@ -319,3 +321,21 @@ def test_gpu_check_is_bash_whose_runs_are_dpg_min_flags():
     for flags in runs:
         cfg = dm.parse_config(flags + ["--device", "cuda", "--out", "unused"])
         assert cfg.device == "cuda" and cfg.baseline
+
+
+def test_fig4_exact_metrics_are_toy_exacts_and_each_seed_trains_alone():
+    """figures/fig4_exact.py: its E_π φ, D_KL(p‖π) and TVD(p, π) are toy_exact.py's sums at the same
+    π, on both targets; a seed's run is the same alone or beside others (Adam is elementwise)."""
+    fig4 = load_script("fig4_exact")
+    for mu in (None, 0.5):
+        _, _, _, _, phi, log_P = toy_exact.toy_target(mu=mu)
+        log_p = log_P - torch.logsumexp(log_P, 0)
+        E, kl, tv, log_pi = fig4.train_seeds(True, 4, 3, 40, 0.05, K=2, mu=mu)
+        assert E.shape == (11, 3)
+        for s in range(3):
+            assert E[-1, s] == pytest.approx(float(log_pi[s].exp() @ phi[:, 0]), abs=1e-12)
+            assert kl[-1, s] == pytest.approx(float(toy_exact.kl(log_p, log_pi[s])), abs=1e-12)
+            assert tv[-1, s] == pytest.approx(float(toy_exact.tvd(log_p, log_pi[s])), abs=1e-12)
+        alone = fig4.train_seeds(True, 4, 1, 40, 0.05, K=2, mu=mu)[1]
+        assert torch.allclose(alone[:, 0], kl[:, 0], rtol=0, atol=1e-12)
+    assert fig4.reached(torch.tensor([[0.1, 0.2], [0.6, 0.3]]), 4).tolist() == [4.0, math.inf]
