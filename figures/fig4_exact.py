@@ -73,22 +73,37 @@ def interval(values):
     return [ranked[round(f * (len(ranked) - 1))].item() for f in (0.5, 0.05, 0.95)]
 
 
+def best_lr(baseline, B, seeds, samples, grid, mu):
+    """The rate of `grid` with the lowest median exact D_KL(p‖π) after `samples` at batch size B."""
+    finals = [interval(train_seeds(baseline, B, seeds, samples, lr, mu=mu)[1][-1])[0]
+              for lr in grid]
+    return grid[finals.index(min(finals))]
+
+
 def table(argv=None):
     parser = argparse.ArgumentParser(prog="figures/fig4_exact.py",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--samples", type=int, default=8192, help="training samples per run")
     parser.add_argument("--batch-sizes", default="2,8,32,128,512")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam's, for both methods")
+    parser.add_argument("--lr", type=float, help="Adam's rate for every run (default: for each "
+                        "method and target, the best of --lr-grid at the largest batch size)")
+    parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     for mu, name, below, threshold in ((None, "pointwise, E_π φ ≥ 0.5", False, 0.5),
                                        (0.5, "E_p φ = 0.5, TVD(p,π) ≤ 0.1", True, 0.1)):
         print(f"{name}: samples to reach it, median [5%, 95%] of {args.seeds} seeds; never "
               f"reached; D_KL(p‖π) after {args.samples} samples, median [5%, 95%]")
+        grid = [float(lr) for lr in args.lr_grid.split(",")]
+        rates = {}
+        for baseline in (False, True):
+            rates[baseline] = args.lr or best_lr(baseline, max(sizes), args.seeds, args.samples,
+                                                 grid, mu)
+        print(f"  Adam's rate: GDC {rates[False]:g}, GDC++ {rates[True]:g}")
         for B in sizes:
             for baseline in (False, True):
-                E, kl, tv, _ = train_seeds(baseline, B, args.seeds, args.samples, args.lr,
+                E, kl, tv, _ = train_seeds(baseline, B, args.seeds, args.samples, rates[baseline],
                                            mu=mu)
                 metric = tv if below else E
                 when = reached(metric, B, below, threshold)
