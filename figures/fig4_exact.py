@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 from torch.func import vmap
@@ -73,6 +74,19 @@ def interval(values):
     return [ranked[round(f * (len(ranked) - 1))].item() for f in (0.5, 0.05, 0.95)]
 
 
+def mechanism(mu=None):
+    """At the start, π = q = a, exactly (toy_exact.variance_terms): ‖E_q G‖² (the same for both,
+    as both are unbiased), the single-sample Var(G) of GDC (b = 0) and of GDC++ (b = Z), b*, Z."""
+    X, logp, theta_a, logp_a, _, log_P = tx.toy_target(mu=mu)
+    Z = torch.exp(torch.logsumexp(log_P, 0))
+    inst = SimpleNamespace(X=X, logp=logp, log_P=log_P, Z=Z)
+    theta = theta_a.flatten()
+    var, _, _, b_star = tx.variance_terms(inst, theta, logp_a)
+    mean = logp_a.exp() @ tx.dpg_grads(inst, theta, logp_a, Z, baseline=True)
+    return dict(mean2=float(mean @ mean), var_gdc=float(var(torch.zeros((), dtype=tx.DT))),
+                var_gdcpp=float(var(Z)), b_star=float(b_star), Z=float(Z))
+
+
 def best_lr(baseline, B, seeds, samples, grid, mu):
     """The rate of `grid` with the lowest median exact D_KL(p‖π) after `samples` at batch size B."""
     finals = [interval(train_seeds(baseline, B, seeds, samples, lr, mu=mu)[1][-1])[0]
@@ -101,6 +115,10 @@ def table(argv=None):
             rates[baseline] = args.lr or best_lr(baseline, max(sizes), args.seeds, args.samples,
                                                  grid, mu)
         print(f"  Adam's rate: GDC {rates[False]:g}, GDC++ {rates[True]:g}")
+        m = mechanism(mu)
+        print(f"  at π = q = a: ‖E G‖² {m['mean2']:.3g}; single-sample Var(G): GDC "
+              f"{m['var_gdc']:.3g}, GDC++ {m['var_gdcpp']:.3g} (Z = {m['Z']:.3g}, b* = "
+              f"{m['b_star']:.3g}); E_q A: GDC Z, GDC++ 0")
         for B in sizes:
             for baseline in (False, True):
                 E, kl, tv, _ = train_seeds(baseline, B, args.seeds, args.samples, rates[baseline],

@@ -339,3 +339,6 @@ def test_fig4_exact_metrics_are_toy_exacts_and_each_seed_trains_alone():
         alone = fig4.train_seeds(True, 4, 1, 40, 0.05, K=2, mu=mu)[1]
         assert torch.allclose(alone[:, 0], kl[:, 0], rtol=0, atol=1e-12)
     assert fig4.reached(torch.tensor([[0.1, 0.2], [0.6, 0.3]]), 4).tolist() == [4.0, math.inf]
+    for mu in (None, 0.5):                  # Z lies in (0, 2b*): the baseline lowers Var(G)
+        m = fig4.mechanism(mu)
+        assert 0 < m["Z"] < 2 * m["b_star"] and m["var_gdcpp"] < m["var_gdc"]
