@@ -102,7 +102,7 @@ def table(argv=None):
     parser.add_argument("--batch-sizes", default="2,8,32,128,512")
     parser.add_argument("--lr", type=float, help="Adam's rate for every run (default: for each "
                         "method and target, the best of --lr-grid at the largest batch size)")
-    parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3")
+    parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3,1")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     for mu, name, below, threshold in ((None, "pointwise, E_π φ ≥ 0.5", False, 0.5),
