@@ -13,52 +13,80 @@ import argparse
 import math
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
-from torch.func import vmap
+from torch.func import jacrev, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpg_min as dm  # noqa: E402
 import toy_exact as tx  # noqa: E402
 
 
-def train_seeds(baseline, B, seeds, samples, lr, K=10, mu=None):
-    """Exact E_π φ, D_KL(p‖π), TVD(p, π) after each step, (steps + 1, seeds) each, and the last
-    log π (seeds, |X|), for one method (baseline: GDC++) at batch size B, until `samples` training
-    samples; seed s draws from torch.Generator seeded s. mu: None for the pointwise target
-    (P = a·φ), else E_p φ = mu."""
+def logp_all(logp):
+    """θ (S, n) → log π (S, |X|): the table policy of toy_exact, one row of θ per seed."""
+    return vmap(logp, in_dims=(0, None))
+
+
+def exact_var(theta, logp, X, logp_q, log_P, Z, baseline):
+    """Exact single-sample Var(G) = E_q‖G‖² − ‖E_q G‖² of G = A(x)·∇log π_θ(x), x ~ q, with
+    dpg_min's A (baseline: GDC++'s, else GDC's), for each row of θ (S, n): (S,)."""
+    g = vmap(jacrev(logp), in_dims=(0, None))(theta.detach(), X.steps)     # (S, |X|, n)
+    lp = logp_all(logp)(theta.detach(), X.steps)
+    A = dm.dpg_advantage(lp, logp_q, log_P.expand_as(lp), Z, baseline)
+    q = logp_q.exp()
+    G = A[..., None] * g
+    mean = (q[..., None] * G).sum(1)
+    return (q * G.pow(2).sum(-1)).sum(1) - mean.pow(2).sum(1)
+
+
+def train_seeds(baseline, B, seeds, samples, lr, K=10, mu=None, sgd=False, probe=()):
+    """One method (baseline: GDC++) at batch size B until `samples` training samples, seed s
+    drawing from torch.Generator seeded s. mu: None for the pointwise target (P = a·φ), else
+    E_p φ = mu. sgd: plain SGD instead of Adam. Returns a dict of (steps + 1, seeds) tensors: the
+    exact E_π φ, D_KL(p‖π), TVD(p, π) after each step; A_mean, each batch's mean advantage
+    (steps, seeds); at the steps in probe, the exact single-sample Var(G) of GDC (var_gdc) and
+    GDC++ (var_gdcpp) and ‖E_q G‖² (mean2) at that step's π and q; log_pi and theta, the last."""
     X, logp, theta_a, logp_a, phi, log_P = tx.toy_target(mu=mu)
     Z = torch.exp(torch.logsumexp(log_P, 0))
     log_p = log_P - torch.log(Z)
-    logp_all = vmap(logp, in_dims=(0, None))                    # θ (S, n) → log π (S, N)
     theta = theta_a.flatten().repeat(seeds, 1).requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
+    opt = torch.optim.SGD([theta], lr=lr) if sgd else torch.optim.Adam([theta], lr=lr)
     logp_q = logp_a.repeat(seeds, 1)
     n_steps = samples // B
     # seed s's uniforms, drawn first: its batches do not depend on how many seeds run beside it
     U = torch.stack([torch.rand(n_steps, B, generator=torch.Generator().manual_seed(s),
                                 dtype=tx.DT) for s in range(seeds)])
     kl_p = vmap(tx.kl, in_dims=(None, 0))
-    rows = []
+    out = {name: [] for name in ("E", "kl", "tvd", "A_mean", "var_gdc", "var_gdcpp", "mean2")}
     for step in range(n_steps + 1):
-        lp = logp_all(theta, X.steps)
+        lp = logp_all(logp)(theta, X.steps)
         pi = lp.detach().exp()
-        rows.append(((pi @ phi)[:, 0], kl_p(log_p, lp.detach()),
-                     0.5 * (pi - log_p.exp()).abs().sum(1)))
+        out["E"].append((pi @ phi)[:, 0])
+        out["kl"].append(kl_p(log_p, lp.detach()))
+        out["tvd"].append(0.5 * (pi - log_p.exp()).abs().sum(1))
         if step > 0 and step % K == 0:                          # Algorithm 1, lines 7-10
             closer = kl_p(log_p, lp.detach()) < kl_p(log_p, logp_q)
             logp_q = torch.where(closer[:, None], lp.detach(), logp_q)
+        if step in probe:
+            for b, name in ((False, "var_gdc"), (True, "var_gdcpp")):
+                out[name].append(exact_var(theta, logp, X, logp_q, log_P, Z, b))
+            # E_q G = Σ_x P(x)·∇log π(x) for both: the gradient of Σ_x P·log π
+            mean = torch.func.grad(lambda th: (log_P.exp() * logp(th, X.steps)).sum())
+            out["mean2"].append(vmap(mean)(theta.detach()).pow(2).sum(1))
         if step == n_steps:
             break
         cdf = logp_q.exp().cumsum(1)                            # x ~ q by inverse CDF, as sample
         x = torch.searchsorted(cdf, U[:, step] * cdf[:, -1:]).clamp(max=X.N - 1)   # (S, B)
-        loss, _ = dm.dpg_loss(lp.gather(1, x).flatten(), logp_q.gather(1, x).flatten(),
+        loss, A = dm.dpg_loss(lp.gather(1, x).flatten(), logp_q.gather(1, x).flatten(),
                               log_P[x].flatten(), Z, baseline)
+        out["A_mean"].append(A.view(seeds, B).mean(1))
         opt.zero_grad()
         (loss * seeds).backward()                               # each row: its own batch mean
         opt.step()
-    return [torch.stack(column) for column in zip(*rows)] + [lp.detach()]
+    result = {name: torch.stack(rows) for name, rows in out.items() if rows}
+    result["log_pi"] = lp.detach()
+    result["theta"] = theta.detach()
+    return result
 
 
 def reached(metric, B, below=False, threshold=0.5):
@@ -74,22 +102,9 @@ def interval(values):
     return [ranked[round(f * (len(ranked) - 1))].item() for f in (0.5, 0.05, 0.95)]
 
 
-def mechanism(mu=None):
-    """At the start, π = q = a, exactly (toy_exact.variance_terms): ‖E_q G‖² (the same for both,
-    as both are unbiased), the single-sample Var(G) of GDC (b = 0) and of GDC++ (b = Z), b*, Z."""
-    X, logp, theta_a, logp_a, _, log_P = tx.toy_target(mu=mu)
-    Z = torch.exp(torch.logsumexp(log_P, 0))
-    inst = SimpleNamespace(X=X, logp=logp, log_P=log_P, Z=Z)
-    theta = theta_a.flatten()
-    var, _, _, b_star = tx.variance_terms(inst, theta, logp_a)
-    mean = logp_a.exp() @ tx.dpg_grads(inst, theta, logp_a, Z, baseline=True)
-    return dict(mean2=float(mean @ mean), var_gdc=float(var(torch.zeros((), dtype=tx.DT))),
-                var_gdcpp=float(var(Z)), b_star=float(b_star), Z=float(Z))
-
-
-def best_lr(baseline, B, seeds, samples, grid, mu):
+def best_lr(baseline, B, seeds, samples, grid, mu, sgd):
     """The rate of `grid` with the lowest median exact D_KL(p‖π) after `samples` at batch size B."""
-    finals = [interval(train_seeds(baseline, B, seeds, samples, lr, mu=mu)[1][-1])[0]
+    finals = [interval(train_seeds(baseline, B, seeds, samples, lr, mu=mu, sgd=sgd)["kl"][-1])[0]
               for lr in grid]
     return grid[finals.index(min(finals))]
 
@@ -100,36 +115,97 @@ def table(argv=None):
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--samples", type=int, default=8192, help="training samples per run")
     parser.add_argument("--batch-sizes", default="2,8,32,128,512")
-    parser.add_argument("--lr", type=float, help="Adam's rate for every run (default: for each "
+    parser.add_argument("--lr", type=float, help="the rate for every run (default: for each "
                         "method and target, the best of --lr-grid at the largest batch size)")
     parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3,1")
+    parser.add_argument("--sgd", action="store_true", help="plain SGD instead of Adam, its rate "
+                        "scaled by B / the largest B")
+    parser.add_argument("--out", help="draw Fig. 4 to this PNG file")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    grid = [float(lr) for lr in args.lr_grid.split(",")]
+    panels = []
     for mu, name, below, threshold in ((None, "pointwise, E_π φ ≥ 0.5", False, 0.5),
                                        (0.5, "E_p φ = 0.5, TVD(p,π) ≤ 0.1", True, 0.1)):
         print(f"{name}: samples to reach it, median [5%, 95%] of {args.seeds} seeds; never "
               f"reached; D_KL(p‖π) after {args.samples} samples, median [5%, 95%]")
-        grid = [float(lr) for lr in args.lr_grid.split(",")]
         rates = {}
         for baseline in (False, True):
             rates[baseline] = args.lr or best_lr(baseline, max(sizes), args.seeds, args.samples,
-                                                 grid, mu)
-        print(f"  Adam's rate: GDC {rates[False]:g}, GDC++ {rates[True]:g}")
-        m = mechanism(mu)
-        print(f"  at π = q = a: ‖E G‖² {m['mean2']:.3g}; single-sample Var(G): GDC "
-              f"{m['var_gdc']:.3g}, GDC++ {m['var_gdcpp']:.3g} (Z = {m['Z']:.3g}, b* = "
-              f"{m['b_star']:.3g}); E_q A: GDC Z, GDC++ 0")
+                                                 grid, mu, args.sgd)
+        print(f"  {'SGD' if args.sgd else 'Adam'}'s rate: GDC {rates[False]:g}, GDC++ "
+              f"{rates[True]:g}")
+        runs = {}
         for B in sizes:
+            steps = args.samples // B
+            probe = sorted({0, steps // 64, steps // 16, steps // 4, steps})
             for baseline in (False, True):
-                E, kl, tv, _ = train_seeds(baseline, B, args.seeds, args.samples, rates[baseline],
-                                           mu=mu)
-                metric = tv if below else E
-                when = reached(metric, B, below, threshold)
+                # SGD's step grows with B, so its rate shrinks with B: each sample moves θ as far
+                lr = rates[baseline] * B / max(sizes) if args.sgd else rates[baseline]
+                run = train_seeds(baseline, B, args.seeds, args.samples, lr, mu=mu, sgd=args.sgd,
+                                  probe=probe)
+                runs[B, baseline] = (run, probe)
+                when = reached(run["tvd"] if below else run["E"], B, below, threshold)
                 never = (when == math.inf).double().mean().item()
                 m, lo, hi = interval(when)
-                k, klo, khi = interval(kl[-1])
+                k, klo, khi = interval(run["kl"][-1])
                 print(f"  B = {B:4}  {'GDC++' if baseline else 'GDC  '}  {m:8.0f} [{lo:.0f}, "
                       f"{hi:.0f}]  never {never:4.0%}  D_KL {k:.3f} [{klo:.3f}, {khi:.3f}]")
+        print_mechanism(runs, (min(sizes), max(sizes)))
+        panels.append((name, "tvd" if below else "E", threshold, runs))
+    if args.out:
+        draw(panels, args.out)
+        print(f"wrote {args.out}")
+
+
+def draw(panels, path):
+    """Fig. 4: a panel per target, the metric against training samples, a colour per batch size,
+    GDC dashed, GDC++ solid, the median over seeds and its 5%-95% band."""
+    import matplotlib
+    matplotlib.use("Agg")                                   # files only, no display needed
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
+    for ax, (name, key, threshold, runs) in zip(axes, panels):
+        sizes = sorted({B for B, _ in runs})
+        for (B, baseline), (run, _) in sorted(runs.items()):
+            samples = torch.arange(len(run[key])) * B
+            band = torch.quantile(run[key], torch.tensor([0.05, 0.5, 0.95], dtype=tx.DT), dim=1)
+            colour = f"C{sizes.index(B)}"
+            style = "-" if baseline else "--"
+            label = f"{'GDC++' if baseline else 'GDC'} B={B}"
+            ax.plot(samples, band[1], color=colour, linestyle=style, label=label)
+            ax.fill_between(samples, band[0], band[2], color=colour, alpha=0.1, linewidth=0)
+        ax.axhline(threshold, color="grey", linewidth=0.5)
+        ax.set(title=name, xlabel="training samples", xscale="log",
+               ylabel="TVD(p, π)" if key == "tvd" else "E_π φ")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+
+
+def print_mechanism(runs, sizes):
+    """Along each run at the smallest and largest batch, medians over seeds: TVD(p, π), the exact
+    single-sample Var(G) of both estimators at that π and q, ‖E_q G‖²; and the batch's mean
+    advantage over the run (Fig. 2's centring), with the share of batches whose A are all 0."""
+    print("  along the runs, medians over seeds: samples, TVD(p,π), single-sample Var(G) of GDC "
+          "and of GDC++ at that π and q, ‖E_q G‖²")
+    for B in sizes:
+        for baseline in (False, True):
+            run, probe = runs[B, baseline]
+            points = [f"{step * B}: {interval(run['tvd'][step])[0]:.3f}, "
+                      f"{interval(run['var_gdc'][i])[0]:.3g}, "
+                      f"{interval(run['var_gdcpp'][i])[0]:.3g}, {interval(run['mean2'][i])[0]:.2g}"
+                      for i, step in enumerate(probe)]
+            print(f"  B = {B:4}  {'GDC++' if baseline else 'GDC  '}  " + " | ".join(points))
+    print("  the batch's mean advantage, median [5%, 95%] over steps and seeds; the batches "
+          "whose A are all 0")
+    for B in sizes:
+        for baseline in (False, True):
+            A_mean = runs[B, baseline][0]["A_mean"].flatten()
+            m, lo, hi = interval(A_mean)
+            zero = (A_mean == 0).double().mean().item()
+            print(f"  B = {B:4}  {'GDC++' if baseline else 'GDC  '}  {m:.3g} [{lo:.3g}, {hi:.3g}]"
+                  f"  all 0: {zero:.0%}")
 
 
 if __name__ == "__main__":

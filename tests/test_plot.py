@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -323,22 +324,40 @@ def test_gpu_check_is_bash_whose_runs_are_dpg_min_flags():
         assert cfg.device == "cuda" and cfg.baseline
 
 
-def test_fig4_exact_metrics_are_toy_exacts_and_each_seed_trains_alone():
-    """figures/fig4_exact.py: its E_π φ, D_KL(p‖π) and TVD(p, π) are toy_exact.py's sums at the same
-    π, on both targets; a seed's run is the same alone or beside others (Adam is elementwise)."""
+def test_fig4_exact_metrics_are_toy_exacts_and_each_seed_trains_alone(tmp_path, capsys):
+    """figures/fig4_exact.py: its E_π φ, D_KL(p‖π), TVD(p, π) and Var(G) are toy_exact.py's sums at
+    the same π and q, on both targets; a seed's run is the same alone or beside others (SGD on one
+    target, Adam on the other: both are elementwise); the command prints its tables and draws the
+    figure."""
     fig4 = load_script("fig4_exact")
     for mu in (None, 0.5):
-        _, _, _, _, phi, log_P = toy_exact.toy_target(mu=mu)
-        log_p = log_P - torch.logsumexp(log_P, 0)
-        E, kl, tv, log_pi = fig4.train_seeds(True, 4, 3, 40, 0.05, K=2, mu=mu)
-        assert E.shape == (11, 3)
+        X, logp, theta_a, logp_a, phi, log_P = toy_exact.toy_target(mu=mu)
+        Z = torch.logsumexp(log_P, 0).exp()
+        log_p = log_P - Z.log()
+        run = fig4.train_seeds(True, 4, 3, 40, 0.05, K=2, mu=mu)
+        assert run["E"].shape == (11, 3) and run["A_mean"].shape == (10, 3)
         for s in range(3):
-            assert E[-1, s] == pytest.approx(float(log_pi[s].exp() @ phi[:, 0]), abs=1e-12)
-            assert kl[-1, s] == pytest.approx(float(toy_exact.kl(log_p, log_pi[s])), abs=1e-12)
-            assert tv[-1, s] == pytest.approx(float(toy_exact.tvd(log_p, log_pi[s])), abs=1e-12)
-        alone = fig4.train_seeds(True, 4, 1, 40, 0.05, K=2, mu=mu)[1]
-        assert torch.allclose(alone[:, 0], kl[:, 0], rtol=0, atol=1e-12)
+            log_pi = run["log_pi"][s]
+            exact = (log_pi.exp() @ phi[:, 0], toy_exact.kl(log_p, log_pi),
+                     toy_exact.tvd(log_p, log_pi))
+            for key, value in zip(("E", "kl", "tvd"), exact):
+                assert run[key][-1, s] == pytest.approx(float(value), abs=1e-12)
+        sgd = mu is None
+        both = fig4.train_seeds(True, 4, 3, 40, 0.05, K=2, mu=mu, sgd=sgd)["kl"]
+        alone = fig4.train_seeds(True, 4, 1, 40, 0.05, K=2, mu=mu, sgd=sgd)["kl"]
+        assert torch.allclose(alone[:, 0], both[:, 0], rtol=0, atol=1e-12)
+        # q stays a (K beyond the run): Var(G) off-policy at the last π, and on-policy at the start
+        run = fig4.train_seeds(False, 4, 2, 40, 0.1, K=100, mu=mu, probe=(0, 10))
+        inst = SimpleNamespace(X=X, logp=logp, log_P=log_P, Z=Z)
+        for i, theta in enumerate((theta_a.flatten(), run["theta"][1])):
+            var = toy_exact.variance_terms(inst, theta, logp_a)[0]
+            assert run["var_gdc"][i, 1] == pytest.approx(float(var(Z * 0)), rel=1e-10)
+            assert run["var_gdcpp"][i, 1] == pytest.approx(float(var(Z)), rel=1e-10)
+            mean = logp_a.exp() @ toy_exact.dpg_grads(inst, theta, logp_a, Z, baseline=False)
+            assert run["mean2"][i, 1] == pytest.approx(float(mean @ mean), rel=1e-10)
     assert fig4.reached(torch.tensor([[0.1, 0.2], [0.6, 0.3]]), 4).tolist() == [4.0, math.inf]
-    for mu in (None, 0.5):                  # Z lies in (0, 2b*): the baseline lowers Var(G)
-        m = fig4.mechanism(mu)
-        assert 0 < m["Z"] < 2 * m["b_star"] and m["var_gdcpp"] < m["var_gdc"]
+    out = tmp_path / "fig4.png"
+    fig4.table(["--seeds", "2", "--samples", "16", "--batch-sizes", "2,4", "--lr", "0.1",
+                "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count("B =    2  GDC++") == 6 and "all 0:" in printed and out.stat().st_size
