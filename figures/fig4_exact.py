@@ -102,11 +102,20 @@ def interval(values):
     return [ranked[round(f * (len(ranked) - 1))].item() for f in (0.5, 0.05, 0.95)]
 
 
-def best_lr(baseline, B, seeds, samples, grid, mu, sgd):
-    """The rate of `grid` with the lowest median exact D_KL(p‖π) after `samples` at batch size B."""
-    finals = [interval(train_seeds(baseline, B, seeds, samples, lr, mu=mu, sgd=sgd)["kl"][-1])[0]
-              for lr in grid]
-    return grid[finals.index(min(finals))]
+def best_run(baseline, B, rates, args, mu, probe):
+    """Of one run at each of `rates`, the one with the lowest median exact D_KL(p‖π) after the
+    budget: (its rate, the run)."""
+    runs = [train_seeds(baseline, B, args.seeds, args.samples, lr, mu=mu, sgd=args.sgd, probe=probe)
+            for lr in rates]
+    finals = [interval(run["kl"][-1])[0] for run in runs]
+    best = finals.index(min(finals))
+    return rates[best], runs[best]
+
+
+def probe_steps(samples, B):
+    """The steps where the mechanism is measured: the start, 1/64, 1/16, 1/4 and all the budget."""
+    steps = samples // B
+    return sorted({0, steps // 64, steps // 16, steps // 4, steps})
 
 
 def table(argv=None):
@@ -116,10 +125,12 @@ def table(argv=None):
     parser.add_argument("--samples", type=int, default=8192, help="training samples per run")
     parser.add_argument("--batch-sizes", default="2,8,32,128,512")
     parser.add_argument("--lr", type=float, help="the rate for every run (default: for each "
-                        "method and target, the best of --lr-grid at the largest batch size)")
+                        "method and target, the best of --lr-grid at the largest batch size, "
+                        "then held, or with --sgd scaled by B / the largest B)")
     parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3,1")
-    parser.add_argument("--sgd", action="store_true", help="plain SGD instead of Adam, its rate "
-                        "scaled by B / the largest B")
+    parser.add_argument("--lr-per-batch", action="store_true", help="the best of --lr-grid at "
+                        "each batch size, for each method and target")
+    parser.add_argument("--sgd", action="store_true", help="plain SGD instead of Adam")
     parser.add_argument("--out", help="draw Fig. 4 to this PNG file")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -129,28 +140,35 @@ def table(argv=None):
                                        (0.5, "E_p φ = 0.5, TVD(p,π) ≤ 0.1", True, 0.1)):
         print(f"{name}: samples to reach it, median [5%, 95%] of {args.seeds} seeds; never "
               f"reached; D_KL(p‖π) after {args.samples} samples, median [5%, 95%]")
-        rates = {}
+        largest = max(sizes)
+        chosen = {}
         for baseline in (False, True):
-            rates[baseline] = args.lr or best_lr(baseline, max(sizes), args.seeds, args.samples,
-                                                 grid, mu, args.sgd)
-        print(f"  {'SGD' if args.sgd else 'Adam'}'s rate: GDC {rates[False]:g}, GDC++ "
-              f"{rates[True]:g}")
+            if not (args.lr or args.lr_per_batch):
+                chosen[baseline] = best_run(baseline, largest, grid, args, mu,
+                                            probe_steps(args.samples, largest))
         runs = {}
         for B in sizes:
-            steps = args.samples // B
-            probe = sorted({0, steps // 64, steps // 16, steps // 4, steps})
+            probe = probe_steps(args.samples, B)
             for baseline in (False, True):
-                # SGD's step grows with B, so its rate shrinks with B: each sample moves θ as far
-                lr = rates[baseline] * B / max(sizes) if args.sgd else rates[baseline]
-                run = train_seeds(baseline, B, args.seeds, args.samples, lr, mu=mu, sgd=args.sgd,
-                                  probe=probe)
+                if args.lr:
+                    lr, run = best_run(baseline, B, [args.lr], args, mu, probe)
+                elif args.lr_per_batch:
+                    lr, run = best_run(baseline, B, grid, args, mu, probe)
+                elif B == largest:
+                    lr, run = chosen[baseline]
+                else:
+                    # SGD's step grows with B, so its rate shrinks with B: each sample moves θ as
+                    # far; Adam's step does not
+                    scale = B / largest if args.sgd else 1
+                    lr, run = best_run(baseline, B, [chosen[baseline][0] * scale], args, mu, probe)
                 runs[B, baseline] = (run, probe)
                 when = reached(run["tvd"] if below else run["E"], B, below, threshold)
                 never = (when == math.inf).double().mean().item()
                 m, lo, hi = interval(when)
                 k, klo, khi = interval(run["kl"][-1])
                 print(f"  B = {B:4}  {'GDC++' if baseline else 'GDC  '}  {m:8.0f} [{lo:.0f}, "
-                      f"{hi:.0f}]  never {never:4.0%}  D_KL {k:.3f} [{klo:.3f}, {khi:.3f}]")
+                      f"{hi:.0f}]  never {never:4.0%}  D_KL {k:.3f} [{klo:.3f}, {khi:.3f}]  "
+                      f"rate {lr:.3g}")
         print_mechanism(runs, (min(sizes), max(sizes)))
         panels.append((name, "tvd" if below else "E", threshold, runs))
     if args.out:
