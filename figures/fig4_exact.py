@@ -1,13 +1,14 @@
 """Fig. 4 on exact metrics (issue 30): does GDC++'s baseline make small batches work? GDC and GDC++
 train with sampled batches, x ~ q, on toy_exact.py's space (V = 3, T = 3 and an end symbol: 40
 sequences; the table policy; a tilted against the symbol 0; φ(x) = [x contains 0]), with
-dpg_min.py's dpg_loss and torch's Adam, many seeds at once (one row of θ each: Adam is elementwise,
-so the rows train independently). Every step, E_π φ, D_KL(p‖π) and TVD(p, π) are exact sums over X,
-so the only noise left is the training's own. Algorithm 1's q ← π every K steps compares the exact
-D_KL(p‖·), and GDC++'s baseline uses the exact Z (not Ẑ): the question is the baseline's, not Ẑ's
-noise.
+dpg_min.py's dpg_loss and torch's Adam (or SGD), many seeds at once (one row of θ each: both are
+elementwise, so the rows train independently). Every step, E_π φ, D_KL(p‖π) and TVD(p, π) are exact
+sums over X, so the only noise left is the training's own; at a few steps, so is the single-sample
+Var(G) of both estimators (§4.5). Algorithm 1's q ← π every K steps compares the exact D_KL(p‖·),
+and GDC++'s baseline uses the exact Z (not Ẑ): the question is the baseline's, not Ẑ's noise.
 
-    python figures/fig4_exact.py                    # both targets, the batch sizes, 100 seeds each
+    python figures/fig4_exact.py --out figures/fig4_exact.png     # 100 seeds a cell, both targets
+    python figures/fig4_exact.py --sgd --lr-grid 0.3,1,3,10,30,100,300,1000     # the control
 """
 import argparse
 import math
@@ -122,7 +123,7 @@ def table(argv=None):
     parser = argparse.ArgumentParser(prog="figures/fig4_exact.py",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=8192, help="training samples per run")
+    parser.add_argument("--samples", type=int, default=16384, help="training samples per run")
     parser.add_argument("--batch-sizes", default="2,8,32,128,512")
     parser.add_argument("--lr", type=float, help="the rate for every run (default: for each "
                         "method and target, the best of --lr-grid at the largest batch size, "
