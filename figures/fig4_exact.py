@@ -16,7 +16,7 @@ import os
 import sys
 
 import torch
-from torch.func import jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpg_min as dm  # noqa: E402
@@ -38,6 +38,14 @@ def exact_var(theta, logp, X, logp_q, log_P, Z, baseline):
     G = A[..., None] * g
     mean = (q[..., None] * G).sum(1)
     return (q * G.pow(2).sum(-1)).sum(1) - mean.pow(2).sum(1)
+
+
+def exact_mean2(theta, logp, X, log_P):
+    """‖E_q G‖² for each row of θ, the same for GDC and GDC++ (both unbiased, Fact 2): E_q G =
+    Σ_x P(x)·∇log π_θ(x), the gradient of Σ_x P·log π_θ."""
+    def weighted(th):
+        return (log_P.exp() * logp(th, X.steps)).sum()
+    return vmap(grad(weighted))(theta.detach()).pow(2).sum(1)
 
 
 def train_seeds(baseline, B, seeds, samples, lr, K=10, mu=None, sgd=False, probe=()):
@@ -71,9 +79,7 @@ def train_seeds(baseline, B, seeds, samples, lr, K=10, mu=None, sgd=False, probe
         if step in probe:
             for b, name in ((False, "var_gdc"), (True, "var_gdcpp")):
                 out[name].append(exact_var(theta, logp, X, logp_q, log_P, Z, b))
-            # E_q G = Σ_x P(x)·∇log π(x) for both: the gradient of Σ_x P·log π
-            mean = torch.func.grad(lambda th: (log_P.exp() * logp(th, X.steps)).sum())
-            out["mean2"].append(vmap(mean)(theta.detach()).pow(2).sum(1))
+            out["mean2"].append(exact_mean2(theta, logp, X, log_P))
         if step == n_steps:
             break
         cdf = logp_q.exp().cumsum(1)                            # x ~ q by inverse CDF, as sample
