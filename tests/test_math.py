@@ -84,6 +84,8 @@ def test_dpg_advantage_is_P_over_q_minus_the_baseline_Z_pi_over_q(zform, baselin
     assert A[1].item() == expected_1                                                # P = 0
 
 
+# Z with a gradient on purpose: float(Z) in dpg_advantage drops it, as it should, and torch warns
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning")
 def test_dpg_advantage_is_detached():
     lp_pi = t(LP_PI, grad=True)
     lp_q = t(LP_Q, grad=True)
