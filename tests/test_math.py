@@ -42,6 +42,8 @@ def logit(u):
 
 # Z in the several forms a caller may pass; 0.75 is exact in float32 too, so all must agree.
 Z_FORMS = ["float", "tensor64", "tensor32", "tensor_requires_grad"]
+# float(Z) drops a gradient, as it should, and torch warns that it does: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning")
 ZEROS = [0.0, 0, torch.tensor(0.0, dtype=F64)]
 
 
@@ -74,7 +76,6 @@ TVD_EXPECTED = 0.5 * (abs(math.exp(-0.3 - LZ + 1.5) - math.exp(-0.7 + 1.5))
 # -- dpg_advantage and dpg_loss ------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 @pytest.mark.parametrize("zform", list(Z_FORMS))
 @pytest.mark.parametrize("baseline, expected", [(False, A_GDC), (True, A_GDCPP)])
 def test_dpg_advantage_is_P_over_q_minus_the_baseline_Z_pi_over_q(zform, baseline, expected):
@@ -84,8 +85,6 @@ def test_dpg_advantage_is_P_over_q_minus_the_baseline_Z_pi_over_q(zform, baselin
     assert A[1].item() == expected_1                                                # P = 0
 
 
-# Z with a gradient on purpose: float(Z) in dpg_advantage drops it, as it should, and torch warns
-@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning")
 def test_dpg_advantage_is_detached():
     lp_pi = t(LP_PI, grad=True)
     lp_q = t(LP_Q, grad=True)
