@@ -1,4 +1,4 @@
-"""Fig. 4 on exact metrics (issue 30): does GDC++'s baseline make small batches work? GDC and GDC++
+"""Fig. 4 on exact metrics: does GDC++'s baseline make small batches work? GDC and GDC++
 train with sampled batches, x ~ q, on toy_exact.py's space (V = 3, T = 3 and an end symbol: 40
 sequences; the table policy; a tilted against the symbol 0; φ(x) = [x contains 0]), with
 dpg_min.py's dpg_loss and torch's Adam (or SGD), many seeds at once (one row of θ each: both are
@@ -7,10 +7,11 @@ sums over X, so the only noise left is the training's own; at a few steps, so is
 Var(G) of both estimators (§4.5). Algorithm 1's q ← π every K steps compares the exact D_KL(p‖·),
 and GDC++'s baseline uses the exact Z (not Ẑ): the question is the baseline's, not Ẑ's noise.
 
-    python figures/fig4_exact.py --out figures/fig4_exact.png     # 100 seeds a cell, both targets
+    python figures/fig4_exact.py --out figures/fig4_exact.png --overwrite    # 100 seeds a cell
     python figures/fig4_exact.py --sgd --lr-grid 0.3,1,3,10,30,100,300,1000     # the control
 """
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -125,23 +126,47 @@ def probe_steps(samples, B):
     return sorted({0, steps // 64, steps // 16, steps // 4, steps})
 
 
+def ints(text):
+    return [int(b) for b in text.split(",")]
+
+
+def floats(text):
+    return [float(x) for x in text.split(",")]
+
+
+SIZES = dm.checked(ints, lambda v: min(v) > 0, "positive integers, e.g. 2,8,32")
+RATES = dm.checked(floats, lambda v: 0 < min(v) and max(v) < math.inf, "positive rates, e.g. 0.1,1")
+
+
 def table(argv=None):
     parser = argparse.ArgumentParser(prog="figures/fig4_exact.py",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=16384, help="training samples per run")
-    parser.add_argument("--batch-sizes", default="2,8,32,128,512")
-    parser.add_argument("--lr", type=float, help="the rate for every run (default: for each "
+    parser.error = dm.refuse
+    parser.add_argument("--seeds", type=dm.POSITIVE, default=100, help="seeds a cell [100]")
+    parser.add_argument("--samples", type=dm.POSITIVE, default=16384,
+                        help="training samples per run [16384]")
+    parser.add_argument("--batch-sizes", type=SIZES, default="2,8,32,128,512",
+                        help="[2,8,32,128,512]")
+    parser.add_argument("--lr", type=dm.FINITE, help="the rate for every run (default: for each "
                         "method and target, the best of --lr-grid at the largest batch size, "
                         "then held, or with --sgd scaled by B / the largest B)")
-    parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3,1")
+    parser.add_argument("--lr-grid", type=RATES, default="0.01,0.03,0.1,0.3,1",
+                        help="[0.01,0.03,0.1,0.3,1]")
     parser.add_argument("--lr-per-batch", action="store_true", help="the best of --lr-grid at "
                         "each batch size, for each method and target")
     parser.add_argument("--sgd", action="store_true", help="plain SGD instead of Adam")
     parser.add_argument("--out", help="draw Fig. 4 to this PNG file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    grid = [float(lr) for lr in args.lr_grid.split(",")]
+    sizes = args.batch_sizes
+    grid = args.lr_grid
+    if args.samples < max(sizes):
+        dm.refuse(f"--samples {args.samples} is less than one batch of {max(sizes)}: give at "
+                  f"least the largest of --batch-sizes")
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        dm.refuse(f"--out {args.out!r} already exists; choose a new file, or add --overwrite")
+    if args.out and importlib.util.find_spec("matplotlib") is None:
+        dm.refuse("--out needs matplotlib, which is optional: pip install matplotlib")
     panels = []
     for mu, name, below, threshold in ((None, "pointwise, E_π φ ≥ 0.5", False, 0.5),
                                        (0.5, "E_p φ = 0.5, TVD(p,π) ≤ 0.1", True, 0.1)):
@@ -233,5 +258,13 @@ def print_mechanism(runs, sizes):
                   f"  all 0: {zero:.0%}")
 
 
+def main(argv=None):
+    try:
+        table(sys.argv[1:] if argv is None else argv)
+    except dm.BadInput as e:
+        print(f"fig4_exact.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    table()
+    main()

@@ -279,6 +279,9 @@ def test_compare_reloads_each_pi_and_prints_it_beside_a(two_runs, capsys, read_m
     ("base_rates", ["--samples", "-1"], "must be positive integers"),
     ("base_rates", ["--model", "/no/such/model"], "cannot load --model '/no/such/model'"),
     ("cost", ["/no/such/run"], "'/no/such/run' holds no dpg_min run"),
+    ("fig4_exact", ["--batch-sizes", "2,0"], "must be positive integers, e.g. 2,8,32, got '2,0'"),
+    ("fig4_exact", ["--samples", "4", "--batch-sizes", "8"], "less than one batch of 8"),
+    ("fig4_exact", ["--out", "RUN"], "already exists; choose a new file, or add --overwrite"),
 ])
 def test_the_figure_scripts_bad_input_is_one_line_exit_2(two_runs, capsys, script, args, message):
     with pytest.raises(SystemExit) as exit_info:
