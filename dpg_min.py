@@ -1106,9 +1106,10 @@ def clear(out, everything=False):
 
 def write_whole(path, write):
     """write(f) to path.tmp, renamed to path: whole or absent, even if killed (rename is atomic)"""
-    with stopping(f"cannot write {path}"), open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+    with stopping(f"cannot write {path}"):
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
 
 def lock_folder(out):
     """OUT, made if need be, and a lock on it that this process holds until it ends, however it
@@ -1275,12 +1276,10 @@ def discard(out, made):
     folder above it that it `made` (missing_folders), while empty (another run may use it)."""
     if not made or os.path.exists(os.path.join(out, "checkpoint.pt")):
         return
-    shutil.rmtree(out)
-    for path in made[1:]:
-        try:
+    shutil.rmtree(out, ignore_errors=True)     # a folder may refuse deletions (chattr +a)
+    with contextlib.suppress(OSError):          # the first folder not empty ends it
+        for path in made[1:]:
             os.rmdir(path)
-        except OSError:
-            return
 
 def resume_hint(out):
     """How to go on with the stopped run in OUT, if it has a checkpoint."""
@@ -1421,8 +1420,9 @@ def main(argv=None):
     except BadInput as e:
         stop(f"error: {e}", 2)
     except (NotFinite, Stopped) as e:
-        if lock is not None:
-            clear(cfg.out)                          # no half-written file keeps the disk full
+        if lock is not None:                        # no half-written file keeps the disk full,
+            with contextlib.suppress(OSError):      # unless the disk refuses deletions too
+                clear(cfg.out)
         hint = resume_hint(cfg.out) if cfg else ""
         stop(f"stopped: {e}{hint}", 1, everyone=isinstance(e, Stopped))   # process 0 may be gone
     except KeyboardInterrupt:

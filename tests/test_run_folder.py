@@ -281,6 +281,31 @@ def test_a_real_full_disk_is_one_line_keeps_no_partial_file_and_the_run_resumes(
     assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(whole))
 
 
+def test_a_folder_that_refuses_renames_and_deletions_is_one_line_and_loses_nothing(
+        finished, files_of, read_metrics, capsys):
+    """A real file system that lets files be made and written but not renamed or deleted (ext4's
+    append-only attribute, chattr +a, as root): resume's first write, config.json, cannot land,
+    and its *.tmp cannot be cleared either. One line, exit 1, every file as it was."""
+    out = str(finished)
+    before = files_of(out)
+    if os.geteuid() != 0 or subprocess.run(["chattr", "+a", out], capture_output=True).returncode:
+        pytest.skip("chattr +a needs root and a file system that has the attribute (ext4)")
+    try:
+        code, err = main_exit(["--resume", out, "--steps", "6"], capsys)
+    finally:
+        subprocess.run(["chattr", "-a", out], check=True)
+    assert code == 1 and err.splitlines() == [err], err
+    assert err.startswith(f"dpg_min.py: stopped: cannot write {out}/config.json ([Errno 1] "
+                          f"Operation not permitted")
+    assert err.endswith(f"Its last good checkpoint is {out}/checkpoint.pt: go on with --resume "
+                        f"{out}")
+    after = files_of(out)
+    assert {name: after[name] for name in before} == before
+    dm.main(["--resume", out, "--steps", "6"])          # the folder allows renames again
+    assert [r["step"] for r in read_metrics(out)][-1] == 6
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
 def main_limited(flags, err, most):
     """In the child: main_logged(FLAGS, ERR) where no file may grow past MOST bytes
     (RLIMIT_FSIZE): a write past it fails with EFBIG, as Python ignores SIGXFSZ."""
