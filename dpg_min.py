@@ -1097,12 +1097,13 @@ def start_processes():
 # --- The run folder OUT (process 0's): files written whole, a lock, checkpoints, resume, π saved
 def clear(out, everything=False):
     """Deletes what unfinished writes left in OUT (NAME.tmp, files or folders), or everything."""
-    for name in [n for n in os.listdir(out) if everything or n.endswith(".tmp")]:
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+    with stopping(f"cannot clear {out}"):
+        for name in [n for n in os.listdir(out) if everything or n.endswith(".tmp")]:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 def write_whole(path, write):
     """write(f) to path.tmp, renamed to path: whole or absent, even if killed (rename is atomic)"""
@@ -1250,9 +1251,9 @@ def save_policy(pi, tokenizer, cfg, log):
     with stopping(f"cannot write {tmp}"):
         pi.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
-        os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
-    os.rmdir(tmp)
+        for name in sorted(os.listdir(tmp), key=lambda name: name.startswith("model.safetensors")):
+            os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
+        os.rmdir(tmp)
     log(time_split(os.path.join(cfg.out, "metrics.jsonl")))
     log(f"saved π to {cfg.out}: load it with AutoModelForCausalLM.from_pretrained({cfg.out!r})")
 
@@ -1382,8 +1383,7 @@ def main(argv=None):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="replace")
     start_processes()
-    cfg = None
-    lock = None
+    cfg = lock = None
     try:
         checked = None
         if RANK == 0:   # process 0 alone checks the input and holds OUT; the others take its word
@@ -1421,7 +1421,7 @@ def main(argv=None):
         stop(f"error: {e}", 2)
     except (NotFinite, Stopped) as e:
         if lock is not None:                        # no half-written file keeps the disk full,
-            with contextlib.suppress(OSError):      # unless the disk refuses deletions too
+            with contextlib.suppress(Stopped):      # unless the disk refuses deletions too
                 clear(cfg.out)
         hint = resume_hint(cfg.out) if cfg else ""
         stop(f"stopped: {e}{hint}", 1, everyone=isinstance(e, Stopped))   # process 0 may be gone

@@ -285,15 +285,21 @@ def test_a_folder_that_refuses_renames_and_deletions_is_one_line_and_loses_nothi
         finished, files_of, read_metrics, capsys):
     """A real file system that lets files be made and written but not renamed or deleted (ext4's
     append-only attribute, chattr +a, as root): resume's first write, config.json, cannot land,
-    and its *.tmp cannot be cleared either. One line, exit 1, every file as it was."""
+    and its *.tmp cannot be cleared either; --overwrite cannot empty it. One line, exit 1, every
+    file as it was."""
     out = str(finished)
     before = files_of(out)
     if os.geteuid() != 0 or subprocess.run(["chattr", "+a", out], capture_output=True).returncode:
         pytest.skip("chattr +a needs root and a file system that has the attribute (ext4)")
     try:
         code, err = main_exit(["--resume", out, "--steps", "6"], capsys)
+        # and --overwrite, whose first deletion fails
+        overwrite = main_exit(RUN + ["--out", out, "--overwrite"], capsys)
     finally:
         subprocess.run(["chattr", "-a", out], check=True)
+    assert overwrite[0] == 1 and overwrite[1].splitlines() == [overwrite[1]]
+    assert overwrite[1].startswith(f"dpg_min.py: stopped: cannot clear {out} ([Errno 1] "
+                                   f"Operation not permitted")
     assert code == 1 and err.splitlines() == [err], err
     assert err.startswith(f"dpg_min.py: stopped: cannot write {out}/config.json ([Errno 1] "
                           f"Operation not permitted")
