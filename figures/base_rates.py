@@ -11,8 +11,10 @@ import time
 
 # dpg_min.py, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))          # cli.py, here
+import cli  # noqa: E402
 import torch  # noqa: E402
-from dpg_min import (TASKS, BadInput, bos_of, load_classifier, load_lm, phi_matrix,  # noqa: E402
+from dpg_min import (TASKS, bos_of, load_classifier, load_lm, phi_matrix,  # noqa: E402
                      refuse, sample)
 
 SHOWN = 160                                             # characters of a sample to print
@@ -60,11 +62,7 @@ def base_rates(argv):
 
 
 def main(argv=None):
-    try:
-        base_rates(sys.argv[1:] if argv is None else argv)
-    except BadInput as e:
-        print(f"base_rates.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(base_rates, "base_rates.py", argv)
 
 
 if __name__ == "__main__":

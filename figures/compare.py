@@ -10,9 +10,11 @@ import sys
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dpg_min.py
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))          # cli.py, here
+import cli  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from dpg_min import (SENTIMENT, BadInput, Config, Target, evaluate, fmt,  # noqa: E402
+from dpg_min import (SENTIMENT, Config, Target, evaluate, fmt,  # noqa: E402
                      load_classifier, load_lm, load_task, method_name, read_checkpoint, refuse,
                      saved_flags, task_words)
 
@@ -73,11 +75,7 @@ def compare(argv):
 
 
 def main(argv=None):
-    try:
-        compare(sys.argv[1:] if argv is None else argv)
-    except BadInput as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(compare, "compare.py", argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import sys
 
 # dpg_min.py, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpg_min import PHASES, BadInput, Config, refuse, saved_flags  # noqa: E402
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))          # cli.py, here
+import cli  # noqa: E402
+from dpg_min import PHASES, Config, refuse, saved_flags  # noqa: E402
 
 PAPER = dict(train=6_400_000, q_check=6_400_000, evaluation=2_048 * (12_500 // 10 + 1))
 
@@ -62,11 +64,7 @@ def cost(argv):
 
 
 def main(argv=None):
-    try:
-        cost(sys.argv[1:] if argv is None else argv)
-    except BadInput as e:
-        print(f"cost.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(cost, "cost.py", argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import torch
 from torch.func import grad, jacrev, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))          # cli.py, here
+import cli  # noqa: E402
 import dpg_min as dm  # noqa: E402
 import toy_exact as tx  # noqa: E402
 
@@ -259,11 +261,7 @@ def print_mechanism(runs, sizes):
 
 
 def main(argv=None):
-    try:
-        table(sys.argv[1:] if argv is None else argv)
-    except dm.BadInput as e:
-        print(f"fig4_exact.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(table, "fig4_exact.py", argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 FIGURES = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(FIGURES))                    # dpg_min.py, one folder up
 sys.path.insert(0, FIGURES)
+import cli  # noqa: E402
 import cost  # noqa: E402
 import dpg_min as dm  # noqa: E402
 
@@ -92,11 +93,7 @@ def bench(argv):
 
 
 def main(argv=None):
-    try:
-        bench(sys.argv[1:] if argv is None else argv)
-    except dm.BadInput as e:
-        print(f"gpu_bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(bench, "gpu_bench.py", argv)
 
 
 if __name__ == "__main__":

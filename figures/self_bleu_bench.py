@@ -11,8 +11,10 @@ import time
 
 # dpg_min.py, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))          # cli.py, here
+import cli  # noqa: E402
 import torch  # noqa: E402
-from dpg_min import BadInput, load_lm, refuse, sample, self_bleu, tokens_of  # noqa: E402
+from dpg_min import load_lm, refuse, sample, self_bleu, tokens_of  # noqa: E402
 
 
 def nltk_self_bleu(texts, ns=(3, 4, 5)):
@@ -65,11 +67,7 @@ def bench(argv):
 
 
 def main(argv=None):
-    try:
-        bench(sys.argv[1:] if argv is None else argv)
-    except BadInput as e:
-        print(f"figures/self_bleu_bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(bench, "self_bleu_bench.py", argv)
 
 
 if __name__ == "__main__":
