@@ -17,7 +17,7 @@ import os
 import sys
 
 import torch
-from torch.func import grad, jacrev, vmap
+from torch.func import jacrev, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))          # cli.py, here
@@ -31,24 +31,19 @@ def logp_all(logp):
     return vmap(logp, in_dims=(0, None))
 
 
-def exact_var(theta, logp, X, logp_q, log_P, Z, baseline):
-    """Exact single-sample Var(G) = E_q‖G‖² − ‖E_q G‖² of G = A(x)·∇log π_θ(x), x ~ q, with
-    dpg_min's A (baseline: GDC++'s, else GDC's), for each row of θ (S, n): (S,)."""
+def exact_moments(theta, lp, logp, X, logp_q, log_P, Z):
+    """For each row of θ (S, n), at log π = lp and q, from one Jacobian ∇log π_θ(x) over X: the
+    exact single-sample Var(G) = E_q‖G‖² − ‖E_q G‖² of G = A(x)·∇log π_θ(x), x ~ q, with dpg_min's
+    A of GDC, then of GDC++, and ‖E_q G‖², the same for both (unbiased, Fact 2): three (S,)."""
     g = vmap(jacrev(logp), in_dims=(0, None))(theta.detach(), X.steps)     # (S, |X|, n)
-    lp = logp_all(logp)(theta.detach(), X.steps)
-    A = dm.dpg_advantage(lp, logp_q, log_P.expand_as(lp), Z, baseline)
     q = logp_q.exp()
-    G = A[..., None] * g
-    mean = (q[..., None] * G).sum(1)
-    return (q * G.pow(2).sum(-1)).sum(1) - mean.pow(2).sum(1)
-
-
-def exact_mean2(theta, logp, X, log_P):
-    """‖E_q G‖² for each row of θ, the same for GDC and GDC++ (both unbiased, Fact 2): E_q G =
-    Σ_x P(x)·∇log π_θ(x), the gradient of Σ_x P·log π_θ."""
-    def weighted(th):
-        return (log_P.exp() * logp(th, X.steps)).sum()
-    return vmap(grad(weighted))(theta.detach()).pow(2).sum(1)
+    var = []
+    for baseline in (False, True):
+        A = dm.dpg_advantage(lp, logp_q, log_P.expand_as(lp), Z, baseline)
+        G = A[..., None] * g
+        mean = (q[..., None] * G).sum(1)
+        var.append((q * G.pow(2).sum(-1)).sum(1) - mean.pow(2).sum(1))
+    return var[0], var[1], mean.pow(2).sum(1)
 
 
 def train_seeds(baseline, B, seeds, samples, lr, K=10, mu=None, sgd=False, probe=()):
@@ -80,9 +75,9 @@ def train_seeds(baseline, B, seeds, samples, lr, K=10, mu=None, sgd=False, probe
             closer = kl_p(log_p, lp.detach()) < kl_p(log_p, logp_q)
             logp_q = torch.where(closer[:, None], lp.detach(), logp_q)
         if step in probe:
-            for b, name in ((False, "var_gdc"), (True, "var_gdcpp")):
-                out[name].append(exact_var(theta, logp, X, logp_q, log_P, Z, b))
-            out["mean2"].append(exact_mean2(theta, logp, X, log_P))
+            moments = exact_moments(theta, lp.detach(), logp, X, logp_q, log_P, Z)
+            for name, value in zip(("var_gdc", "var_gdcpp", "mean2"), moments):
+                out[name].append(value)
         if step == n_steps:
             break
         cdf = logp_q.exp().cumsum(1)                            # x ~ q by inverse CDF, as sample
